@@ -1,0 +1,84 @@
+"""Data streams. The batch at step k is a pure function of (seed, step): resumable in
+O(1), identical for every backend; `rank_slice` cuts the global batch per data-parallel
+rank (S60-S62). Arrays are numpy; backends convert."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from contract.targets import resolve_path
+
+DATA_STREAM = 0x5EED_DA7A  # domain separator so data never shares a stream with draws
+
+
+def _rng(seed: int, step: int, what: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, step, DATA_STREAM, what])))
+
+
+def sparse_features(seed: int, step: int, batch: int, n_features: int, p: float, low: float) -> np.ndarray:
+    """Each feature is U[low, 1] with probability p, else 0. -> float64 [batch, n_features]."""
+    g = _rng(seed, step, 1)
+    on = g.random((batch, n_features)) < p
+    val = low + (1.0 - low) * g.random((batch, n_features))
+    return np.where(on, val, 0.0)
+
+
+def tms_batch(seed: int, step: int, batch: int, cfg: dict, p: float | None = None) -> np.ndarray:
+    return sparse_features(seed, step, batch, cfg["n_features"], p or cfg["feature_probability"], 0.0)
+
+
+def resid_mlp_batch(seed: int, step: int, batch: int, cfg: dict, p: float | None = None) -> np.ndarray:
+    return sparse_features(seed, step, batch, cfg["n_features"], p or cfg["feature_probability"], -1.0)
+
+
+@lru_cache(maxsize=4)
+def load_tokens(source: str, token_file: str | None) -> np.ndarray:
+    """All tokens of the stream as int64. 'corpus' = the project's generated corpus
+    (training split); 'token_file' = a user file (.npy of ints or raw uint16 .bin)."""
+    if source == "corpus":
+        from contract.corpus import corpus_tokens
+        return corpus_tokens("train")
+    path = resolve_path(token_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.token_file: file not found: {path}")
+    if path.suffix == ".npy":
+        arr = np.load(path)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"data.token_file: {path} holds {arr.dtype}, expected integer token ids")
+        return arr.reshape(-1).astype(np.int64)
+    if path.suffix == ".bin":
+        return np.fromfile(path, dtype=np.uint16).astype(np.int64)
+    raise ValueError(f"data.token_file: {path} must end in .npy or .bin")
+
+
+def token_windows(tokens: np.ndarray, seed: int, step: int, batch: int, seq_len: int) -> np.ndarray:
+    """`batch` windows of `seq_len` tokens at offsets drawn from (seed, step)."""
+    if len(tokens) <= seq_len:
+        raise ValueError(f"token stream has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}")
+    starts = _rng(seed, step, 2).integers(0, len(tokens) - seq_len, size=batch)
+    return np.stack([tokens[s:s + seq_len] for s in starts]).astype(np.int64)
+
+
+def batch_for_step(run, seed: int, step: int, batch: int | None = None, split: str = "train") -> np.ndarray:
+    """The global batch of a resolved run at `step` (`split='eval'` uses a disjoint stream)."""
+    cfg, meta = run.cfg, run.target_meta["config"]
+    B = batch or cfg.batch_size
+    s = seed if split == "train" else seed + 1_000_003
+    if cfg.target.kind == "tms":
+        return tms_batch(s, step, B, meta, cfg.data.feature_probability)
+    if cfg.target.kind == "resid_mlp":
+        return resid_mlp_batch(s, step, B, meta, cfg.data.feature_probability)
+    if split == "eval" and cfg.data.source == "corpus":
+        from contract.corpus import corpus_tokens
+        return token_windows(corpus_tokens("heldout"), s, step, B, cfg.data.seq_len)
+    return token_windows(load_tokens(cfg.data.source, cfg.data.token_file), s, step, B, cfg.data.seq_len)
+
+
+def rank_slice(global_batch: np.ndarray, rank: int, world: int) -> np.ndarray:
+    B = global_batch.shape[0]
+    if B % world:
+        raise ValueError(f"batch_size {B} is not divisible by the data-parallel world size {world}")
+    n = B // world
+    return global_batch[rank * n:(rank + 1) * n]

@@ -1,0 +1,80 @@
+"""The draw plan: every random tensor one training step consumes (ALGORITHM §5, §8).
+
+Every draw is U[0,1); distributions the algorithm needs are derived from uniforms by
+fixed rules that both backends implement identically (S50-S53):
+- Bernoulli(1/2) source (binomial sampling): `u < 0.5`.
+- uniform_k routing over n live sites, from `route_k [...]` and `route_order [..., n]`:
+  `k = min(1 + floor(route_k * n), n)`; site i routes iff
+  `#{j : route_order[j] < route_order[i]} < k` (i.e. the k smallest uniforms).
+Names: `t{term}.e{entry}.d{draw}.{site}.source`, `....{site}.delta`,
+`t{term}.e{entry}.d{draw}.route_k`, `....route_order`, `binomial.{site}`.
+
+Production: each backend samples the plan itself inside the step. Parity: the harness
+samples it once with `sample_numpy` keyed by (seed, step, name) and feeds both.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from contract.resolve import ResolvedRun
+
+
+@dataclass(frozen=True)
+class DrawSpec:
+    name: str
+    shape: tuple[int, ...]
+    dist: str = "uniform"  # the only primitive; see module doc
+
+
+def draw_name(term: int, entry: int, draw: int, leaf: str) -> str:
+    return f"t{term}.e{entry}.d{draw}.{leaf}"
+
+
+def draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...] | None = None) -> list[DrawSpec]:
+    bs = tuple(batch_shape or run.batch_shape)
+    cfg = run.cfg
+    plan: list[DrawSpec] = []
+    if cfg.sampling == "binomial":
+        plan += [DrawSpec(f"binomial.{s.name}", bs + (s.C,)) for s in run.sites]
+    for t in run.recon_terms:
+        for ei, e in enumerate(t.entries):
+            for d in range(e.n_draws):
+                if t.source == "stochastic":
+                    for name in e.live:
+                        C = run.site(name).C
+                        plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.source"), bs + (C,)))
+                        if cfg.use_delta_component:
+                            plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.delta"), bs))
+                if e.routing == "uniform_k":
+                    plan.append(DrawSpec(draw_name(t.index, ei, d, "route_k"), bs))
+                    plan.append(DrawSpec(draw_name(t.index, ei, d, "route_order"), bs + (len(e.live),)))
+    return plan
+
+
+def _name_key(name: str) -> list[int]:
+    h = hashlib.sha256(name.encode()).digest()
+    return [int.from_bytes(h[i:i + 4], "little") for i in range(0, 16, 4)]
+
+
+def numpy_rng(seed: int, step: int, name: str) -> np.random.Generator:
+    """The harness's generator for one named tensor: independent across names/steps."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, step] + _name_key(name))))
+
+
+def sample_numpy(plan: list[DrawSpec], seed: int, step: int) -> dict[str, np.ndarray]:
+    return {d.name: numpy_rng(seed, step, d.name).random(d.shape) for d in plan}
+
+
+def route_from_uniforms(route_k: np.ndarray, route_order: np.ndarray) -> np.ndarray:
+    """Reference (numpy) of the routing rule S51; backends mirror it. -> bool [..., n]."""
+    n = route_order.shape[-1]
+    k = np.minimum(1 + np.floor(route_k * n), n)
+    rank = (route_order[..., None, :] < route_order[..., :, None]).sum(-1)
+    return rank < k[..., None]
+
+
+def bernoulli_from_uniform(u: np.ndarray) -> np.ndarray:
+    return (u < 0.5).astype(u.dtype)

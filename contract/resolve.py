@@ -1,0 +1,141 @@
+"""Resolve a RunConfig against its target: the ordered site list, the recon plans, and
+the cross-field checks both backends share (so an unsupported combination is refused by
+both with the same message). Spec S2 (site order), S20 (plans)."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from contract.config import RECON_TERMS, ConfigError, RunConfig
+from contract.targets import ModuleInfo, load_target_meta, module_table
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    kind: str  # linear | embedding
+    d_in: int
+    d_out: int
+    has_bias: bool
+    C: int
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    live: tuple[str, ...]  # live sites, canonical order
+    routing: str  # "everywhere" | "uniform_k"
+    n_draws: int
+
+
+@dataclass(frozen=True)
+class ReconTerm:
+    index: int  # position in cfg.loss_terms
+    type: str
+    plan: str
+    source: str
+    entries: tuple[PlanEntry, ...]
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    cfg: RunConfig
+    target_meta: dict
+    sites: tuple[Site, ...]
+    recon_terms: tuple[ReconTerm, ...]
+    batch_shape: tuple[int, ...]  # leading shape of one training batch (B,) or (B, T)
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sites)
+
+    def site(self, name: str) -> Site:
+        return next(s for s in self.sites if s.name == name)
+
+
+# Backends refuse these until they implement them (issue 6 brings PGD; bf16 lands with
+# the JAX trainer and is never supported by the oracle). Spec S30.
+UNSUPPORTED_SOURCES = {"fresh_pgd": "fresh PGD", "persistent_pgd": "persistent PGD"}
+
+
+def expand_sites(cfg: RunConfig, modules: list[ModuleInfo]) -> tuple[Site, ...]:
+    """S2: sites in the order of the config's patterns; within one pattern, in the
+    target's canonical module order. A module matched twice is an error."""
+    seen: dict[str, int] = {}
+    out = []
+    for i, sc in enumerate(cfg.sites):
+        hits = [m for m in modules if fnmatch.fnmatchcase(m.name, sc.pattern)]
+        if not hits:
+            names = ", ".join(m.name for m in modules[:12])
+            raise ConfigError(f"sites.{i}.pattern: {sc.pattern!r} matches no module of the target (modules: {names}, ...)")
+        for m in hits:
+            if m.name in seen:
+                raise ConfigError(f"sites.{i}.pattern: {sc.pattern!r} matches {m.name!r}, already matched by sites.{seen[m.name]}")
+            seen[m.name] = i
+            out.append(Site(m.name, m.kind, m.d_in, m.d_out, m.has_bias, sc.C))
+    return tuple(out)
+
+
+def build_entries(plan: str, names: tuple[str, ...], n_draws: int, sites_per_chunk: int | None) -> tuple[PlanEntry, ...]:
+    if plan == "all":
+        return (PlanEntry(names, "everywhere", n_draws),)
+    if plan == "per_site":
+        return tuple(PlanEntry((n,), "everywhere", n_draws) for n in names)
+    if plan == "subset":
+        return (PlanEntry(names, "uniform_k", n_draws),)
+    if plan == "chunks":
+        k = sites_per_chunk
+        return tuple(PlanEntry(names[i:i + k], "uniform_k", n_draws) for i in range(0, len(names), k))
+    raise ValueError(plan)
+
+
+def resolve_run(cfg: RunConfig, backend: str = "any") -> ResolvedRun:
+    meta = load_target_meta(cfg.target.weights)
+    if meta["kind"] != cfg.target.kind:
+        raise ConfigError(f"target.kind: config says {cfg.target.kind!r} but {cfg.target.weights} holds a {meta['kind']!r} target")
+    sites = expand_sites(cfg, module_table(cfg.target.kind, meta["config"]))
+    names = tuple(s.name for s in sites)
+
+    # ---- cross-field checks (both backends call this) ----
+    if cfg.runtime.dtype == "bf16":
+        raise ConfigError("runtime.dtype: 'bf16' compute is not implemented by either backend yet (use float32 or float64)")
+    if cfg.runtime.mesh.data * cfg.runtime.mesh.components != 1:
+        raise ConfigError("runtime.mesh: multi-device meshes are not implemented yet (data and components must be 1)")
+    for s in sites:
+        if s.kind == "embedding" and cfg.ci_fn.type != "mlp":
+            raise ConfigError(f"ci_fn.type: {cfg.ci_fn.type!r} cannot take the token ids of embedding site {s.name!r}; use 'mlp'")
+    if cfg.target.kind == "llama":
+        if cfg.output_loss != "kl":
+            raise ConfigError("output_loss: the llama target is decomposed with 'kl' on its logits")
+        if cfg.data.seq_len is None:
+            raise ConfigError("data.seq_len: required for the llama target")
+        if cfg.data.source == "features":
+            raise ConfigError("data.source: the llama target reads 'corpus' or 'token_file'")
+    else:
+        if cfg.data.source != "features":
+            raise ConfigError(f"data.source: the {cfg.target.kind} target reads 'features'")
+        if cfg.data.seq_len is not None:
+            raise ConfigError(f"data.seq_len: the {cfg.target.kind} target has no sequence axis")
+    if cfg.ci_fn.type == "global_shared_transformer" and cfg.target.kind != "llama":
+        pass  # inputs without a sequence axis get a length-1 one (ALGORITHM §4)
+
+    recon = []
+    n_terms_of_type: dict[str, int] = {}
+    for i, t in enumerate(cfg.loss_terms):
+        n_terms_of_type[t.type] = n_terms_of_type.get(t.type, 0) + 1
+        if t.type not in RECON_TERMS:
+            continue
+        plan, source = RECON_TERMS[t.type]
+        if source in UNSUPPORTED_SOURCES:
+            raise ConfigError(f"loss_terms.{i}.type: {t.type!r} ({UNSUPPORTED_SOURCES[source]}) is not implemented by either backend yet")
+        if plan == "chunks" and t.sites_per_chunk > len(sites):
+            raise ConfigError(f"loss_terms.{i}.sites_per_chunk: {t.sites_per_chunk} is larger than the number of sites ({len(sites)})")
+        n_draws = cfg.n_mask_samples if source == "stochastic" else 1
+        entries = build_entries(plan, names, n_draws, getattr(t, "sites_per_chunk", None))
+        recon.append(ReconTerm(i, t.type, plan, source, entries))
+    for ty in ("faithfulness", "importance_minimality"):
+        if n_terms_of_type.get(ty, 0) > 1:
+            raise ConfigError(f"loss_terms: {ty!r} appears {n_terms_of_type[ty]} times; it may appear once")
+
+    B = cfg.batch_size
+    batch_shape = (B, cfg.data.seq_len) if cfg.target.kind == "llama" else (B,)
+    return ResolvedRun(cfg, meta, sites, tuple(recon), batch_shape)

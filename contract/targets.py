@@ -1,0 +1,83 @@
+"""Target definitions shared by both backends (framework-free).
+
+A target is a safetensors file in Hugging Face layout (`Linear.weight` is `[out, in]`)
+plus `<stem>.json` beside it: {"kind": ..., "config": {...}, "training": {...}}.
+`module_table` lists every decomposable module of a target in the canonical order
+(the order torch's `named_modules()` visits them); site expansion (S2) uses that order.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    name: str  # module path in the target, e.g. "model.layers.0.mlp.up_proj"
+    kind: str  # "linear" | "embedding"
+    d_in: int  # linear: input features; embedding: vocab size
+    d_out: int  # linear: output features; embedding: embedding dim
+    has_bias: bool
+
+
+def resolve_path(p: str | Path) -> Path:
+    """Relative paths resolve against the repo root (configs are written that way)."""
+    p = Path(p)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def meta_path(weights: str | Path) -> Path:
+    w = resolve_path(weights)
+    return w.with_suffix(".json")
+
+
+def load_target_meta(weights: str | Path) -> dict:
+    w = resolve_path(weights)
+    if not w.is_file():
+        raise FileNotFoundError(f"target.weights: weights file not found: {w}")
+    m = meta_path(w)
+    if not m.is_file():
+        raise FileNotFoundError(f"target.weights: the target's JSON config {m} (beside {w.name}) is missing")
+    meta = json.loads(m.read_text())
+    for key in ("kind", "config"):
+        if key not in meta:
+            raise ValueError(f"target JSON {m} lacks the key '{key}'")
+    return meta
+
+
+def module_table(kind: str, cfg: dict) -> list[ModuleInfo]:
+    if kind == "tms":
+        f, h = cfg["n_features"], cfg["n_hidden"]
+        return [ModuleInfo("linear1", "linear", f, h, False), ModuleInfo("linear2", "linear", h, f, True)]
+    if kind == "resid_mlp":
+        e, m = cfg["d_embed"], cfg["d_mlp"]
+        out = []
+        for i in range(cfg["n_layers"]):
+            out.append(ModuleInfo(f"layers.{i}.mlp_in", "linear", e, m, False))
+            out.append(ModuleInfo(f"layers.{i}.mlp_out", "linear", m, e, False))
+        return out
+    if kind == "llama":
+        d, v = cfg["hidden_size"], cfg["vocab_size"]
+        nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        hd = cfg.get("head_dim") or d // nh
+        ff = cfg["intermediate_size"]
+        ab, mb = bool(cfg.get("attention_bias", False)), bool(cfg.get("mlp_bias", False))
+        out = [ModuleInfo("model.embed_tokens", "embedding", v, d, False)]
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"model.layers.{i}"
+            out += [
+                ModuleInfo(f"{p}.self_attn.q_proj", "linear", d, nh * hd, ab),
+                ModuleInfo(f"{p}.self_attn.k_proj", "linear", d, nkv * hd, ab),
+                ModuleInfo(f"{p}.self_attn.v_proj", "linear", d, nkv * hd, ab),
+                ModuleInfo(f"{p}.self_attn.o_proj", "linear", nh * hd, d, ab),
+                ModuleInfo(f"{p}.mlp.gate_proj", "linear", d, ff, mb),
+                ModuleInfo(f"{p}.mlp.up_proj", "linear", d, ff, mb),
+                ModuleInfo(f"{p}.mlp.down_proj", "linear", ff, d, mb),
+            ]
+        out.append(ModuleInfo("lm_head", "linear", d, v, False))
+        return out
+    raise ValueError(f"target.kind: unknown target kind {kind!r}")
