@@ -285,10 +285,28 @@ def config_hash(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _format_errors(err: ValidationError, where: str) -> str:
+def _field_path(loc: tuple, data) -> str:
+    """The config's own dotted path for a pydantic `loc`. pydantic inserts the tag of a
+    discriminated union into `loc` (`loss_terms.1.stochastic_recon.coeff`); that segment
+    is not a key of the config, so it is dropped (-> `loss_terms.1.coeff`)."""
+    parts, cur = [], data
+    for p in loc:
+        if isinstance(cur, dict) and isinstance(p, str) and p not in cur and cur.get("type") == p:
+            continue
+        parts.append(str(p))
+        if isinstance(cur, dict):
+            cur = cur.get(p)
+        elif isinstance(cur, list) and isinstance(p, int) and 0 <= p < len(cur):
+            cur = cur[p]
+        else:
+            cur = None
+    return ".".join(parts)
+
+
+def _format_errors(err: ValidationError, where: str, data=None) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = _field_path(e["loc"], data)
         got = e.get("input")
         got_s = repr(got)
         if len(got_s) > 80:
@@ -304,7 +322,7 @@ def parse_config(d: dict, where: str = "<dict>") -> RunConfig:
     try:
         return RunConfig.model_validate(d)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, where)) from None
+        raise ConfigError(_format_errors(err, where, d)) from None
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -331,6 +349,9 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
             out.append(f"  {p}: {a[k]!r} -> <absent>")
         elif isinstance(a[k], dict) and isinstance(b[k], dict):
             out += config_diff(a[k], b[k], p + ".")
+        elif isinstance(a[k], list) and isinstance(b[k], list) and len(a[k]) == len(b[k]):
+            # same length (e.g. loss_terms, sites): diff element by element -> `loss_terms.1.coeff`
+            out += config_diff(dict(enumerate(a[k])), dict(enumerate(b[k])), p + ".")
         elif a[k] != b[k]:
             out.append(f"  {p}: {a[k]!r} -> {b[k]!r}")
     return out

@@ -1,0 +1,77 @@
+"""The decomposed model, functionally: the target's site hook runs either the frozen path
+or the masked decomposed path (ALGORITHM §3; SPEC S4-S8). Mirrors
+oracle_torch/components.py: `SiteMode`, `inner_act`, `DecomposedModel.clean_forward`,
+`DecomposedModel.masked_forward`, `DecomposedModel.weight`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from contract.resolve import ResolvedRun, Site
+from contract.targets import module_table
+from jax_impl.targets import frozen_site, load_frozen, target_forward
+
+
+@dataclass
+class SiteMode:
+    """How a live site runs in one forward. mask [..., C]; delta_mask [...] or None (no
+    delta path); route bool [...] or None (routed everywhere)."""
+    mask: jax.Array
+    delta_mask: jax.Array | None
+    route: jax.Array | None
+
+
+def inner_act(site: Site, x, V):
+    """x . V: for an embedding site the row V[token]."""
+    return V[x] if site.kind == "embedding" else x @ V
+
+
+class DecomposedModel:
+    """Holds the frozen target (JAX layout, via contract.layout) and runs its forwards.
+    `frozen` is passed explicitly to the forwards so jitted steps take it as an argument."""
+
+    def __init__(self, run: ResolvedRun, dtype):
+        self.run = run
+        self.kind = run.cfg.target.kind
+        _, self.target_cfg, self.frozen = load_frozen(run.cfg.target.weights, dtype)
+        self.modules = {m.name: m for m in module_table(self.kind, self.target_cfg)}
+        self.sites = {s.name: s for s in run.sites}
+
+    def weight(self, frozen, name: str):
+        """The right-multiply weight [d_in, d_out] (embedding: [vocab, d_emb])."""
+        return frozen[f"{name}.weight"]
+
+    def _site_fn(self, frozen, params, modes: dict, capture: dict | None):
+        def site(name, x):
+            if capture is not None:
+                capture[name] = x
+            m = modes.get(name)
+            info = self.modules[name]
+            if m is None:  # S5: a non-live site runs the frozen path exactly
+                return frozen_site(frozen, info, x)
+            s = self.sites[name]
+            V, U = params[f"components.{name}.V"], params[f"components.{name}.U"]
+            a = inner_act(s, x, V)
+            y = (a * m.mask) @ U
+            if m.delta_mask is not None:
+                delta = self.weight(frozen, name) - V @ U
+                xd = delta[x] if s.kind == "embedding" else x @ delta
+                y = y + m.delta_mask[..., None] * xd
+            if s.kind == "linear" and s.has_bias:
+                y = y + frozen[f"{name}.bias"]
+            if m.route is None:
+                return y
+            # S6: routed-out positions take the frozen output itself
+            return jnp.where(m.route[..., None], y, frozen_site(frozen, info, x))
+        return site
+
+    def clean_forward(self, frozen, batch):
+        """S7: every site frozen, stop-gradient. Returns (output, site inputs)."""
+        cap: dict = {}
+        out = target_forward(self.kind, self.target_cfg, frozen, batch, self._site_fn(frozen, {}, {}, cap))
+        return jax.lax.stop_gradient(out), {k: jax.lax.stop_gradient(v) for k, v in cap.items() if k in self.sites}
+
+    def masked_forward(self, frozen, params, batch, modes: dict):
+        return target_forward(self.kind, self.target_cfg, frozen, batch, self._site_fn(frozen, params, modes, None))

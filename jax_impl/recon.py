@@ -1,0 +1,64 @@
+"""Recon terms as plan x mask-source strategy (ALGORITHM §5; SPEC S25-S29). Mirrors
+oracle_torch/recon.py."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from contract.draws import draw_name
+from jax_impl.components import SiteMode
+from jax_impl.losses import output_divergence
+
+
+def route_from_uniforms(route_k, route_order):
+    """S51: k = min(1 + floor(u n), n); site i routes iff fewer than k uniforms are below its own."""
+    n = route_order.shape[-1]
+    k = jnp.minimum(1 + jnp.floor(route_k * n), n)
+    rank = (route_order[..., None, :] < route_order[..., :, None]).sum(-1)
+    return rank < k[..., None]
+
+
+def bernoulli_from_uniform(u):
+    return (u < 0.5).astype(u.dtype)
+
+
+def site_modes(run, term, ei: int, d: int, ci_lower: dict, draws: dict) -> dict:
+    """The SiteModes of forward (entry ei, draw d) of a recon term (S26, S27)."""
+    e = term.entries[ei]
+    routes = None
+    if e.routing == "uniform_k":
+        routes = route_from_uniforms(draws[draw_name(term.index, ei, d, "route_k")],
+                                     draws[draw_name(term.index, ei, d, "route_order")])
+    modes = {}
+    for j, name in enumerate(e.live):
+        ci = ci_lower[name]
+        route = None if routes is None else routes[..., j]
+        if term.source == "stochastic":
+            src = draws[draw_name(term.index, ei, d, f"{name}.source")]
+            if run.cfg.sampling == "binomial":
+                src = bernoulli_from_uniform(src)
+            mask = ci + (1 - ci) * src
+            dm = draws[draw_name(term.index, ei, d, f"{name}.delta")] if run.cfg.use_delta_component else None
+            modes[name] = SiteMode(mask, dm, route)
+        elif term.source == "ci_masked":  # constant(0): mask = ci, no delta path
+            modes[name] = SiteMode(ci, None, route)
+        elif term.source == "unmasked":  # constant(1): mask = 1, no delta path
+            modes[name] = SiteMode(jnp.ones_like(ci), None, route)
+        else:
+            raise ValueError(f"loss_terms.{term.index}: source {term.source!r} is not implemented")
+    return modes
+
+
+def recon_term(run, model, frozen, params, term, batch, clean, ci_lower: dict, draws: dict, record=None):
+    total, n = 0.0, 0
+    for ei, e in enumerate(term.entries):
+        for d in range(e.n_draws):
+            modes = site_modes(run, term, ei, d, ci_lower, draws)
+            out = model.masked_forward(frozen, params, batch, modes)
+            if record is not None:
+                tag = f"t{term.index}.e{ei}.d{d}"
+                record[f"masked_out.{tag}"] = out
+                for name, m in modes.items():
+                    record[f"mask.{tag}.{name}"] = m.mask
+            total = total + output_divergence(run.cfg.output_loss, out, clean)
+            n += 1
+    return total / n

@@ -1,0 +1,216 @@
+"""One jitted VPD training step and the faithfulness warmup (ALGORITHM §7; SPEC S30-S45).
+Mirrors oracle_torch/train.py: `make_state`, `hparams`, `sample_draws`,
+`faithfulness_warmup`, `clip_grad_norm`, `forward_terms`, `l0_per_site`, `train_step`.
+
+The step takes either explicit draws (parity) or samples the draw plan from
+`fold_in(PRNGKey(seed), step)` (production) — both go through `train_step_body`."""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from contract.config import RunConfig
+from contract.draws import DrawSpec, draw_plan
+from contract.init import init_state
+from contract.resolve import ResolvedRun
+from contract.schedules import imp_min_p, schedule_value
+from jax_impl.ci_fn import ci_logits
+from jax_impl.components import DecomposedModel, inner_act
+from jax_impl.losses import faithfulness, importance_minimality
+from jax_impl.recon import recon_term
+from jax_impl.sigmoids import ci_pair
+
+DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
+
+
+def jax_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"runtime.dtype: the JAX trainer runs float32 or float64, not {name!r}")
+    if name == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("runtime.dtype: float64 needs jax_enable_x64 (set JAX_ENABLE_X64=1 before JAX starts)")
+    return DTYPES[name]
+
+
+def term_key(i: int, t) -> str:
+    return f"{i}.{t.type}"
+
+
+def _adamw(oc):
+    # lr is injected every step from the host-side schedule (S40)
+    return optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, b1=oc.betas[0], b2=oc.betas[1],
+                                                 eps=oc.eps, weight_decay=oc.weight_decay)
+
+
+def split_groups(params: dict) -> tuple[dict, dict]:
+    comp = {n: p for n, p in params.items() if n.startswith("components.")}
+    ci = {n: p for n, p in params.items() if n.startswith("ci_fn.")}
+    return comp, ci
+
+
+def make_state(run: ResolvedRun, arrays: dict[str, np.ndarray] | None, dtype) -> dict:
+    arrays = init_state(run) if arrays is None else arrays
+    params = {n: jnp.asarray(a, dtype=dtype) for n, a in arrays.items()}
+    comp, ci = split_groups(params)
+    o = run.cfg.optim
+    return {"params": params, "opt_components": _adamw(o.components).init(comp),
+            "opt_ci_fn": _adamw(o.ci_fn).init(ci), "step": jnp.asarray(0, jnp.int32)}
+
+
+def hparams(cfg: RunConfig, step: int) -> dict[str, float]:
+    """Schedule values for `step`, computed on the host (S40, S41)."""
+    hp = {"lr_components": schedule_value(cfg.optim.components.lr, step, cfg.steps),
+          "lr_ci_fn": schedule_value(cfg.optim.ci_fn.lr, step, cfg.steps)}
+    for t in cfg.loss_terms:
+        if t.type == "importance_minimality":
+            hp["imp_min_p"] = imp_min_p(t, step, cfg.steps)
+    return hp
+
+
+def sample_draws(plan: list[DrawSpec], key, dtype) -> dict:
+    """Production sampling of the draw plan inside the step, keyed by fold_in(seed, step)."""
+    return {d.name: jax.random.uniform(jax.random.fold_in(key, i), d.shape, dtype) for i, d in enumerate(plan)}
+
+
+def faithfulness_warmup(run: ResolvedRun, model: DecomposedModel, params: dict) -> tuple[dict, list[float]]:
+    """S44: AdamW on faithfulness alone (own lr / weight decay, no clip); the optimizer is
+    discarded afterwards. Returns (params, losses)."""
+    w = run.cfg.faithfulness_warmup
+    if w.steps == 0:
+        return params, []
+    comp, ci = split_groups(params)
+    opt = optax.adamw(learning_rate=w.lr, weight_decay=w.weight_decay)
+
+    @jax.jit
+    def step(comp, opt_state, frozen):
+        loss, g = jax.value_and_grad(lambda c: faithfulness(run, model, frozen, c))(comp)
+        upd, opt_state = opt.update(g, opt_state, comp)
+        return optax.apply_updates(comp, upd), opt_state, loss
+
+    opt_state, losses = opt.init(comp), []
+    for _ in range(w.steps):
+        comp, opt_state, loss = step(comp, opt_state, model.frozen)
+        losses.append(loss)
+    return comp | ci, [float(x) for x in losses]
+
+
+def global_norm(grads: dict):
+    return jnp.linalg.norm(jnp.stack([jnp.linalg.norm(g.ravel()) for g in grads.values()]))
+
+
+def clip_grad_norm(grads: dict, max_norm: float | None):
+    """S43: torch's clip_grad_norm_ semantics: scale = max / (norm + 1e-6), clamped to 1."""
+    total = global_norm(grads)
+    if max_norm is None:
+        return grads, total
+    coef = jnp.minimum(max_norm / (total + 1e-6), 1.0)
+    return {n: g * coef for n, g in grads.items()}, total
+
+
+def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, batch, draws: dict, hp: dict,
+                  record: dict | None = None):
+    """Everything up to the total loss. Returns (total, ({term_key: value}, ci_lower))."""
+    cfg = run.cfg
+    clean, site_inputs = model.clean_forward(frozen, batch)
+    inner = {}
+    if cfg.ci_fn.type == "mlp":
+        inner = {s.name: inner_act(s, site_inputs[s.name], params[f"components.{s.name}.V"]) for s in run.sites}
+    z = ci_logits(run, params, site_inputs, inner)
+    ci_lower, ci_upper = {}, {}
+    for s in run.sites:
+        u = draws[f"binomial.{s.name}"] if cfg.sampling == "binomial" else None
+        ci_lower[s.name], ci_upper[s.name] = ci_pair(z[s.name], u)
+    if record is not None:
+        record["clean_out"] = clean
+        for s in run.sites:
+            record[f"site_input.{s.name}"] = site_inputs[s.name]
+            record[f"ci_logits.{s.name}"] = z[s.name]
+            record[f"ci_lower.{s.name}"] = ci_lower[s.name]
+            record[f"ci_upper.{s.name}"] = ci_upper[s.name]
+    recon = {t.index: t for t in run.recon_terms}
+    terms, total = {}, 0.0
+    for i, t in enumerate(cfg.loss_terms):
+        if t.type == "faithfulness":
+            v = faithfulness(run, model, frozen, params)
+        elif t.type == "importance_minimality":
+            v = importance_minimality(run, ci_upper, hp["imp_min_p"], t.beta, t.eps)
+        else:
+            v = recon_term(run, model, frozen, params, recon[i], batch, clean, ci_lower, draws, record)
+        terms[term_key(i, t)] = v
+        total = total + t.coeff * v
+    if record is not None:
+        for k, v in terms.items():
+            record[f"term.{k}"] = v
+        record["term.total"] = total
+    return total, (terms, ci_lower)
+
+
+def l0_per_site(ci_lower: dict) -> dict:
+    """Mean over positions of the number of components with ci_lower > 0."""
+    return {n: (c > 0).astype(jnp.float32).sum(-1).mean() for n, c in ci_lower.items()}
+
+
+def train_step_body(run: ResolvedRun, model: DecomposedModel, state: dict, frozen, batch, draws: dict, hp: dict,
+                    with_grads: bool = False):
+    """One step (S30): forward, backward, clip per group, AdamW per group."""
+    cfg = run.cfg
+    params = state["params"]
+    (total, (terms, ci_lower)), grads = jax.value_and_grad(
+        lambda p: forward_terms(run, model, frozen, p, batch, draws, hp), has_aux=True)(params)
+    metrics = {f"loss/{k}": v for k, v in terms.items()}
+    metrics["loss/total"] = total
+    for n, g in grads.items():
+        metrics[f"grad_norm/{n}"] = jnp.linalg.norm(g.ravel())
+    g_comp, g_ci = split_groups(grads)
+    g_comp, metrics["grad_norm/components"] = clip_grad_norm(g_comp, cfg.optim.components.clip)
+    g_ci, metrics["grad_norm/ci_fn"] = clip_grad_norm(g_ci, cfg.optim.ci_fn.clip)
+    p_comp, p_ci = split_groups(params)
+    new = {}
+    for name, g, p, lr in (("opt_components", g_comp, p_comp, hp["lr_components"]),
+                           ("opt_ci_fn", g_ci, p_ci, hp["lr_ci_fn"])):
+        opt = _adamw(getattr(cfg.optim, name[4:]))
+        os = state[name]
+        os = os._replace(hyperparams={**os.hyperparams, "learning_rate": jnp.asarray(lr, os.hyperparams["learning_rate"].dtype)})
+        upd, os = opt.update(g, os, p)
+        new[name] = (optax.apply_updates(p, upd), os)
+    params = new["opt_components"][0] | new["opt_ci_fn"][0]
+    comp, ci = split_groups(params)
+    metrics["param_norm/components"] = global_norm(comp)
+    metrics["param_norm/ci_fn"] = global_norm(ci)
+    metrics |= {f"l0/{n}": v for n, v in l0_per_site(ci_lower).items()}
+    metrics |= {f"sched/{k}": v for k, v in hp.items()}
+    state = {"params": params, "opt_components": new["opt_components"][1], "opt_ci_fn": new["opt_ci_fn"][1],
+             "step": state["step"] + 1}
+    if with_grads:
+        return state, metrics, grads
+    return state, metrics
+
+
+class Stepper:
+    """Jitted steps for one run: `step_with_draws` (parity) and `step_with_key`
+    (production). State buffers are donated."""
+
+    def __init__(self, run: ResolvedRun, model: DecomposedModel, dtype):
+        self.run, self.model, self.dtype = run, model, dtype
+        self.plan = draw_plan(run)
+        # one compiled step for parity runs (it also returns the raw gradients), one for production
+        self._draws = jax.jit(partial(train_step_body, run, model, with_grads=True), donate_argnums=(0,))
+        self._key = jax.jit(self._key_body, donate_argnums=(0,))
+
+    def _key_body(self, state, frozen, batch, seed_key, hp):
+        key = jax.random.fold_in(seed_key, state["step"])
+        return train_step_body(self.run, self.model, state, frozen, batch, sample_draws(self.plan, key, self.dtype), hp)
+
+    def hp(self, step: int) -> dict:
+        return {k: jnp.asarray(v, self.dtype) for k, v in hparams(self.run.cfg, step).items()}
+
+    def step_with_draws(self, state, batch, draws: dict, step: int, with_grads: bool = False):
+        draws = {k: jnp.asarray(v, self.dtype) for k, v in draws.items()}
+        state, metrics, grads = self._draws(state, self.model.frozen, batch, draws, self.hp(step))
+        return (state, metrics, grads) if with_grads else (state, metrics)
+
+    def step_with_key(self, state, batch, step: int):
+        return self._key(state, self.model.frozen, batch, jax.random.PRNGKey(self.run.cfg.seed), self.hp(step))

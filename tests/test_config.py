@@ -1,0 +1,246 @@
+"""Config schema and resolution (contract/config.py, contract/resolve.py).
+
+Guards the config-fidelity rule of DESIGN.md: a bad config is refused with ONE ConfigError
+whose message names the field by its dotted path in the config (and the bad value), both
+at parse time (pydantic) and at resolve time (cross-field rules both backends share);
+every shipped config loads and resolves; config_diff names the changed fields.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from contract.config import ConfigError, config_diff, load_config, parse_config
+from contract.resolve import resolve_run
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED_CONFIGS = {"tms_5-2.yaml", "tms_40-10.yaml", "resid_mlp1.yaml", "tiny_llama.yaml"}
+
+
+def write_tms_target(d: Path) -> str:
+    """A tiny TMS 5-2 target in Hugging Face layout + its JSON (contract/targets.py)."""
+    w = d / "tms_tiny.safetensors"
+    save_file({
+        "linear1.weight": np.zeros((2, 5), np.float32),
+        "linear2.weight": np.zeros((5, 2), np.float32),
+        "linear2.bias": np.zeros(5, np.float32),
+    }, str(w))
+    (d / "tms_tiny.json").write_text(json.dumps(
+        {"kind": "tms", "config": {"n_features": 5, "n_hidden": 2, "feature_probability": 0.05}, "training": {}}))
+    return str(w)
+
+
+def base_config(weights: str = "unused.safetensors") -> dict:
+    return {
+        "seed": 0,
+        "target": {"kind": "tms", "weights": weights},
+        "sites": [{"pattern": "linear1", "C": 4}, {"pattern": "linear2", "C": 3}],
+        "ci_fn": {"type": "mlp", "hidden": [8]},
+        "output_loss": "mse",
+        "loss_terms": [
+            {"type": "faithfulness", "coeff": 1.0},
+            {"type": "stochastic_recon", "coeff": 1.0},
+            {"type": "importance_minimality", "coeff": 1e-3, "pnorm": 2.0},
+        ],
+        "optim": {"components": {"lr": {"start": 1e-3}}, "ci_fn": {"lr": {"start": 1e-3}}},
+        "steps": 10,
+        "batch_size": 8,
+    }
+
+
+def error_lines(e: ConfigError) -> list[str]:
+    """The per-field lines of a ConfigError message (parse errors have a header line)."""
+    lines = str(e).splitlines()
+    return [ln.strip() for ln in (lines[1:] if lines[0].startswith("invalid config") else lines)]
+
+
+# ------------------------------------------------------------------ parse-time errors
+def _set(path: str, value):
+    def f(d):
+        *head, last = path.split(".")
+        cur = d
+        for p in head:
+            cur = cur[int(p)] if isinstance(cur, list) else cur.setdefault(p, {})
+        if isinstance(cur, list):
+            cur[int(last)] = value
+        else:
+            cur[last] = value
+    return f
+
+
+PARSE_ERRORS = [
+    # (id, mutation, field path the message must name, fragment of the problem)
+    ("unknown_top", _set("bogus", 1), "bogus", "unknown field"),
+    ("unknown_nested", _set("ci_fn.hiden", [3]), "ci_fn.hiden", "unknown field"),
+    ("unknown_deep", _set("optim.components.lr.kindd", "linear"), "optim.components.lr.kindd", "unknown field"),
+    ("wrong_type", _set("steps", "ten"), "steps", "'ten'"),
+    ("negative_C", _set("sites.0.C", -3), "sites.0.C", "greater than 0"),
+    ("zero_C", _set("sites.1.C", 0), "sites.1.C", "greater than 0"),
+    ("unknown_loss_type", _set("loss_terms.1.type", "stochastic_recn"), "loss_terms.1", "stochastic_recn"),
+    # a field error inside a loss term names the config path, not pydantic's union tag
+    # (`loss_terms.1.stochastic_recon.bogus` would not be a path of the config)
+    ("unknown_field_in_term", _set("loss_terms.1.bogus", 2), "loss_terms.1.bogus", "unknown field"),
+    ("bad_type_in_term", _set("loss_terms.2.pnorm", "two"), "loss_terms.2.pnorm", "'two'"),
+    ("bad_literal", _set("optim.ci_fn.lr.kind", "exp"), "optim.ci_fn.lr.kind", "'exp'"),
+    ("bad_dtype", _set("runtime", {"dtype": "fp16"}), "runtime.dtype", "'fp16'"),
+    ("bad_sampling", _set("sampling", "bernoulli"), "sampling", "'bernoulli'"),
+    ("token_file_required", _set("data", {"source": "token_file"}), "data", "data.token_file is required"),
+]
+
+
+@pytest.mark.parametrize("mutate,path,fragment", [p[1:] for p in PARSE_ERRORS], ids=[p[0] for p in PARSE_ERRORS])
+def test_parse_error_names_field_path(mutate, path, fragment):
+    # guards: one mistake -> one ConfigError with exactly one line `path: problem (got value)`
+    d = base_config()
+    parse_config(copy.deepcopy(d))  # the base is valid, so the mutation alone is at fault
+    mutate(d)
+    with pytest.raises(ConfigError) as ei:
+        parse_config(d)
+    lines = error_lines(ei.value)
+    assert len(lines) == 1, str(ei.value)
+    assert lines[0].startswith(f"{path}: "), str(ei.value)
+    assert fragment in lines[0], str(ei.value)
+
+
+def test_load_config_names_file_and_field(tmp_path):
+    # guards: errors from a YAML file name the file as well as the field path
+    d = base_config()
+    d["ci_fn"]["hiden"] = [3]
+    import yaml
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match=r"(?s)bad\.yaml.*ci_fn\.hiden: unknown field"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    (None, "not found"),
+    ("seed: [unclosed", "not valid YAML"),
+    ("- just\n- a list\n", "mapping"),
+])
+def test_load_config_unreadable_file(tmp_path, text, fragment):
+    # guards: a missing / non-YAML / non-mapping file is a ConfigError naming the file
+    p = tmp_path / "c.yaml"
+    if text is not None:
+        p.write_text(text)
+    with pytest.raises(ConfigError, match=fragment) as ei:
+        load_config(p)
+    assert "c.yaml" in str(ei.value)
+
+
+# ------------------------------------------------------------------ resolve-time errors
+def _term(**kw):
+    def f(d):
+        d["loss_terms"].append(kw)
+    return f
+
+
+RESOLVE_ERRORS = [
+    ("chunk_larger_than_sites", _term(type="chunkwise_subset_recon", coeff=1.0, sites_per_chunk=3),
+     "loss_terms.3.sites_per_chunk", "larger than the number of sites (2)"),
+    ("pgd_recon", _term(type="pgd_recon", coeff=1.0), "loss_terms.3.type", "not implemented"),
+    ("pgd_recon_layerwise", _term(type="pgd_recon_layerwise", coeff=1.0), "loss_terms.3.type", "not implemented"),
+    ("pgd_recon_subset", _term(type="pgd_recon_subset", coeff=1.0), "loss_terms.3.type", "not implemented"),
+    ("persistent_pgd", _term(type="persistent_pgd_recon", coeff=1.0), "loss_terms.3.type", "not implemented"),
+    ("persistent_pgd_subset", _term(type="persistent_pgd_recon_subset", coeff=1.0), "loss_terms.3.type", "not implemented"),
+    ("bf16", _set("runtime", {"dtype": "bf16"}), "runtime.dtype", "bf16"),
+    ("seq_len_on_tms", _set("data", {"seq_len": 16}), "data.seq_len", "no sequence axis"),
+    ("corpus_on_tms", _set("data", {"source": "corpus"}), "data.source", "features"),
+    ("multi_device_mesh", _set("runtime", {"mesh": {"data": 2}}), "runtime.mesh", "not implemented"),
+    ("pattern_matches_nothing", _set("sites.1.pattern", "lin*3"), "sites.1.pattern", "matches no module"),
+    ("pattern_overlap", _set("sites.1.pattern", "linear*"), "sites.1.pattern", "already matched by sites.0"),
+    ("kind_mismatch", _set("target.kind", "resid_mlp"), "target.kind", "holds a 'tms' target"),
+    ("duplicate_faithfulness", _term(type="faithfulness", coeff=2.0), "loss_terms", "appears 2 times"),
+]
+
+
+@pytest.mark.parametrize("mutate,path,fragment", [p[1:] for p in RESOLVE_ERRORS], ids=[p[0] for p in RESOLVE_ERRORS])
+def test_resolve_error_names_field_path(tmp_path, mutate, path, fragment):
+    # guards: cross-field / unsupported combinations are refused by resolve_run (which both
+    # backends call) with one ConfigError naming the field
+    d = base_config(write_tms_target(tmp_path))
+    resolve_run(parse_config(copy.deepcopy(d)))  # the base resolves
+    mutate(d)
+    with pytest.raises(ConfigError) as ei:
+        resolve_run(parse_config(d))
+    lines = error_lines(ei.value)
+    assert len(lines) == 1, str(ei.value)
+    assert lines[0].startswith(f"{path}: "), str(ei.value)
+    assert fragment in lines[0], str(ei.value)
+
+
+def test_chunk_size_equal_to_site_count_is_fine(tmp_path):
+    # guards: the chunk check is `>` not `>=` (one chunk holding every site is legal)
+    d = base_config(write_tms_target(tmp_path))
+    d["loss_terms"].append({"type": "chunkwise_subset_recon", "coeff": 1.0, "sites_per_chunk": 2})
+    run = resolve_run(parse_config(d))
+    (t,) = [t for t in run.recon_terms if t.type == "chunkwise_subset_recon"]
+    assert [e.live for e in t.entries] == [("linear1", "linear2")]
+
+
+def test_resolve_site_order_and_shapes(tmp_path):
+    # guards S2: sites in config-pattern order with the target's dims and per-pattern C
+    d = base_config(write_tms_target(tmp_path))
+    d["sites"] = [{"pattern": "linear2", "C": 3}, {"pattern": "linear1", "C": 4}]
+    run = resolve_run(parse_config(d))
+    assert run.site_names == ("linear2", "linear1")
+    s2, s1 = run.sites
+    assert (s2.d_in, s2.d_out, s2.has_bias, s2.C) == (2, 5, True, 3)
+    assert (s1.d_in, s1.d_out, s1.has_bias, s1.C) == (5, 2, False, 4)
+    assert run.batch_shape == (8,)
+
+
+# ------------------------------------------------------------------ shipped configs
+def shipped_configs() -> list[str]:
+    return sorted({p.name for p in (REPO / "configs").glob("*.yaml")} | REQUIRED_CONFIGS)
+
+
+def test_shipped_configs_exist():
+    # guards: the glob below cannot pass vacuously; the four documented configs ship
+    found = {p.name for p in (REPO / "configs").glob("*.yaml")}
+    assert found, "configs/*.yaml is empty"
+    assert REQUIRED_CONFIGS <= found, f"missing shipped configs: {sorted(REQUIRED_CONFIGS - found)}"
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_shipped_config_loads_and_resolves(name):
+    # guards: every shipped config parses, resolves against its shipped weights, and
+    # survives the checkpoint round trip (resolved dict -> parse -> same hash)
+    cfg = load_config(REPO / "configs" / name)
+    run = resolve_run(cfg)
+    assert run.sites and run.site_names
+    again = parse_config(cfg.to_dict())
+    assert again == cfg and again.hash() == cfg.hash()
+
+
+# ------------------------------------------------------------------ config_diff
+def test_config_diff_reports_changed_fields():
+    # guards: a resume with a different config is refused with a readable field diff
+    a = parse_config(base_config()).to_dict()
+    d = base_config()
+    d["steps"] = 20
+    d["ci_fn"]["hidden"] = [16, 16]
+    d["optim"]["components"]["lr"]["kind"] = "cosine"
+    d["loss_terms"][1]["coeff"] = 0.5
+    b = parse_config(d).to_dict()
+    diff = config_diff(a, b)
+    joined = "\n".join(diff)
+    assert "steps: 10 -> 20" in joined
+    assert "ci_fn.hidden: [8] -> [16, 16]" in joined
+    assert "optim.components.lr.kind: 'constant' -> 'cosine'" in joined
+    assert "loss_terms.1.coeff: 1.0 -> 0.5" in joined
+    assert len(diff) == 4, joined  # nothing unchanged is reported
+    assert config_diff(a, copy.deepcopy(a)) == []
+
+
+def test_config_diff_absent_keys_and_list_length():
+    # guards: keys present on one side only, and lists of different length, are reported
+    diff = config_diff({"x": 1, "l": [1, 2]}, {"y": 2, "l": [1, 2, 3]})
+    assert "  x: 1 -> <absent>" in diff
+    assert "  y: <absent> -> 2" in diff
+    assert "  l: [1, 2] -> [1, 2, 3]" in diff
