@@ -44,7 +44,7 @@ LLAMA_SPEC = dict(
                 num_key_value_heads=2, head_dim=24, intermediate_size=172,
                 max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
                 tie_word_embeddings=False, hidden_act="silu", attention_bias=False, mlp_bias=False),
-    steps=1500, lr=3e-3, warmup=100, final_lr_frac=0.1, weight_decay=0.01, batch=32,
+    steps=1500, lr=3e-3, warmup=100, final_lr_frac=0.1, weight_decay=0.01, batch=16,
     seq_len=128, seed=0, clip=1.0, eval_windows=64, eval_seed=12345,
 )
 ALL = list(TMS_SPECS) + list(RESID_SPECS) + ["tiny_llama"]

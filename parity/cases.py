@@ -1,0 +1,129 @@
+"""The parity case matrix. A case = a shipped config + overrides + precision + number of
+steps. Step-0 cases (1 step) pin every term and every leaf gradient; trajectory cases run
+>= 50 steps per target in both precisions. Shapes are cut down so the whole matrix runs
+within the `pytest parity/` budget; every plan x source strategy, imp-min variant, delta
+on/off, continuous/binomial, kl/mse and CI function type appears at least once."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import yaml
+
+from contract.config import RunConfig, parse_config
+from contract.resolve import ResolvedRun, resolve_run
+from contract.targets import REPO_ROOT
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    config: str  # shipped config under configs/
+    precision: str  # float64 | float32
+    steps: int
+    overrides: dict = field(default_factory=dict)
+    why: str = ""
+
+    def config_dict(self) -> dict:
+        d = yaml.safe_load((REPO_ROOT / "configs" / self.config).read_text())
+        d = deep_merge(d, copy.deepcopy(self.overrides))
+        d["steps"] = self.steps
+        d["runtime"] = {"dtype": self.precision}
+        return d
+
+    def cfg(self) -> RunConfig:
+        return parse_config(self.config_dict(), f"parity case {self.name}")
+
+    def run(self) -> ResolvedRun:
+        return resolve_run(self.cfg())
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+FAITH = {"type": "faithfulness", "coeff": 1.0}
+IMP = {"type": "importance_minimality", "coeff": 3.0e-3, "pnorm": 1.5, "beta": 0.5, "eps": 1.0e-6}
+ALL_PLAIN_RECON = [
+    {"type": t, "coeff": c} for t, c in [
+        ("stochastic_recon", 1.0), ("stochastic_recon_layerwise", 0.7), ("stochastic_recon_subset", 0.5),
+        ("ci_masked_recon", 0.3), ("ci_masked_recon_layerwise", 0.2), ("ci_masked_recon_subset", 0.4),
+        ("unmasked_recon", 0.1)]
+]
+TMS_SMALL = {"batch_size": 16, "sites": [{"pattern": "linear1", "C": 7}, {"pattern": "linear2", "C": 5}],
+             "faithfulness_warmup": {"steps": 3, "lr": 1.0e-3}}
+RESID_SMALL = {"batch_size": 8, "faithfulness_warmup": {"steps": 2, "lr": 1.0e-3}}
+LLAMA_SMALL = {"batch_size": 2, "data": {"seq_len": 8}, "faithfulness_warmup": {"steps": 2, "lr": 1.0e-3},
+               "sites": [{"pattern": "model.layers.0.mlp.*_proj", "C": 6},
+                         {"pattern": "model.layers.1.self_attn.[qv]_proj", "C": 5}]}
+TRAJ_OPTIM = {"optim": {
+    "components": {"lr": {"start": 2.0e-3, "warmup_pct": 0.1, "kind": "cosine", "final_frac": 0.1},
+                   "clip": 0.5, "weight_decay": 0.01},
+    "ci_fn": {"lr": {"start": 3.0e-3, "warmup_pct": 0.0, "kind": "linear", "final_frac": 0.2},
+              "clip": 1.0}}}
+ANNEAL = {"type": "importance_minimality", "coeff": 1.0e-2, "pnorm": 2.0, "beta": 0.3, "eps": 1.0e-12,
+          "p_anneal_start_frac": 0.2, "p_anneal_end_frac": 0.8, "p_anneal_final_p": 0.9}
+
+
+def _cases() -> list[Case]:
+    cs = [
+        Case("tms_all_terms", "tms_5-2.yaml", "float64", 1,
+             TMS_SMALL | {"n_mask_samples": 2, "ci_fn": {"type": "mlp", "hidden": [4]},
+                          "loss_terms": [FAITH, IMP, *ALL_PLAIN_RECON]},
+             "every plain recon plan x source, n_mask_samples 2, imp-min beta/eps/p, mlp CI"),
+        Case("tms_binomial_nodelta", "tms_5-2.yaml", "float64", 1,
+             TMS_SMALL | {"sampling": "binomial", "use_delta_component": False,
+                          "ci_fn": {"type": "vector_mlp", "hidden": [4, 3]},
+                          "loss_terms": [FAITH, IMP, ALL_PLAIN_RECON[0], ALL_PLAIN_RECON[2]]},
+             "binomial sampling, no delta channel, vector_mlp with two hidden layers"),
+        Case("tms_global_mlp", "tms_5-2.yaml", "float64", 1,
+             TMS_SMALL | {"ci_fn": {"type": "global_shared_mlp", "hidden": [6]},
+                          "loss_terms": [FAITH, IMP, ALL_PLAIN_RECON[0], ALL_PLAIN_RECON[1]]},
+             "global_shared_mlp"),
+        Case("tms_transformer", "tms_5-2.yaml", "float64", 1,
+             TMS_SMALL | {"ci_fn": {"type": "global_shared_transformer", "d_model": 8, "n_heads": 2,
+                                    "n_blocks": 2, "mlp_hidden": 12},
+                          "loss_terms": [FAITH, IMP, ALL_PLAIN_RECON[0]]},
+             "global_shared_transformer on inputs without a sequence axis"),
+        Case("resid2_chunks", "resid_mlp1.yaml", "float64", 1,
+             RESID_SMALL | {"target": {"kind": "resid_mlp", "weights": "contract/weights/resid_mlp2.safetensors"},
+                            "sites": [{"pattern": "layers.*.mlp_in", "C": 9}, {"pattern": "layers.*.mlp_out", "C": 6}],
+                            "ci_fn": {"type": "shared_mlp", "hidden": [5]},
+                            "loss_terms": [FAITH, IMP, {"type": "chunkwise_subset_recon", "coeff": 1.0, "sites_per_chunk": 3},
+                                           ALL_PLAIN_RECON[2]]},
+             "chunks plan (4 sites in chunks of 3 and 1) on the 2-layer ResidMLP, shared_mlp"),
+        Case("llama_kl", "tiny_llama.yaml", "float64", 1,
+             LLAMA_SMALL | {"ci_fn": {"type": "shared_mlp", "hidden": [8]},
+                            "loss_terms": [FAITH, IMP, ALL_PLAIN_RECON[0], ALL_PLAIN_RECON[2], ALL_PLAIN_RECON[4]]},
+             "KL output loss on the tiny Llama, GQA attention sites"),
+        Case("llama_transformer", "tiny_llama.yaml", "float64", 1,
+             LLAMA_SMALL | {"ci_fn": {"type": "global_shared_transformer", "d_model": 8, "n_heads": 2,
+                                      "n_blocks": 1, "mlp_hidden": 8},
+                            "loss_terms": [FAITH, IMP, ALL_PLAIN_RECON[0]]},
+             "global_shared_transformer with RoPE over the sequence axis"),
+        Case("llama_embed_head", "tiny_llama.yaml", "float64", 1,
+             LLAMA_SMALL | {"sites": [{"pattern": "model.embed_tokens", "C": 6}, {"pattern": "lm_head", "C": 7}],
+                            "ci_fn": {"type": "mlp", "hidden": [4]},
+                            "loss_terms": [FAITH, IMP, ALL_PLAIN_RECON[0], ALL_PLAIN_RECON[1]]},
+             "embedding site (row lookups of V and delta) and the LM head"),
+    ]
+    traj = {
+        "tms": ("tms_5-2.yaml", TMS_SMALL | TRAJ_OPTIM | {"ci_fn": {"type": "mlp", "hidden": [4]},
+                "loss_terms": [FAITH, ANNEAL, ALL_PLAIN_RECON[0], ALL_PLAIN_RECON[1]]}),
+        "resid": ("resid_mlp1.yaml", RESID_SMALL | TRAJ_OPTIM | {
+                  "sites": [{"pattern": "layers.*.mlp_in", "C": 12}, {"pattern": "layers.*.mlp_out", "C": 10}],
+                  "loss_terms": [FAITH, ANNEAL, ALL_PLAIN_RECON[0], ALL_PLAIN_RECON[2]]}),
+        "llama": ("tiny_llama.yaml", LLAMA_SMALL | TRAJ_OPTIM | {"ci_fn": {"type": "shared_mlp", "hidden": [8]},
+                  "loss_terms": [FAITH, ANNEAL, ALL_PLAIN_RECON[0], ALL_PLAIN_RECON[2]]}),
+    }
+    for tgt, (conf, ov) in traj.items():
+        for prec in ("float64", "float32"):
+            cs.append(Case(f"traj_{tgt}.{prec[-2:]}", conf, prec, 50, ov,
+                           "50-step trajectory: schedules with warmup, clip, weight decay, p annealing"))
+    return cs
+
+
+CASES: dict[str, Case] = {c.name: c for c in _cases()}

@@ -1,0 +1,35 @@
+"""Every parity tolerance, in one table, each with its reason. Errors are relative:
+|a - b| / max(|a|, |b|, floor). Gradients are compared elementwise relative to the norm
+of their leaf (a gradient entry near zero has no meaningful relative error of its own)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tol:
+    rel: float
+    floor: float  # values below this magnitude are compared absolutely at rel*floor
+    growth: float = 0.0  # trajectories: allowed rel error grows as rel * (1 + growth * step)
+    why: str = ""
+
+
+TOLERANCES: dict[tuple[str, str], Tol] = {
+    ("float64", "term"): Tol(1e-10, 1e-12, 0.0,
+        "same math in IEEE double: only reassociation (~1e-16 per op) separates the frameworks"),
+    ("float64", "grad"): Tol(1e-10, 0.0, 0.0,
+        "as for terms; relative to the leaf's gradient norm"),
+    ("float64", "trajectory"): Tol(1e-8, 1e-12, 0.0,
+        "50 optimizer steps amplify 1e-16 reassociation noise (Adam divides by sqrt(v)); 1e-8 leaves "
+        "orders of magnitude of margin yet catches any algorithmic difference"),
+    ("float32", "term"): Tol(1e-5, 1e-6, 0.0,
+        "single precision (eps 1.2e-7) through a few hundred reductions"),
+    ("float32", "grad"): Tol(1e-4, 0.0, 0.0,
+        "single-precision backward through masked forwards; relative to the leaf's gradient norm"),
+    ("float32", "trajectory"): Tol(2e-4, 1e-5, 0.1,
+        "single-precision noise is amplified by Adam's normalisation each step, so the budget grows "
+        "linearly with the step: rel * (1 + 0.1 * step)"),
+}
+
+def tol(precision: str, what: str) -> Tol:
+    return TOLERANCES[(precision, what)]
