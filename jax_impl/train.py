@@ -111,8 +111,9 @@ def clip_grad_norm(grads: dict, max_norm: float | None):
 
 
 def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, batch, draws: dict, hp: dict,
-                  record: dict | None = None):
-    """Everything up to the total loss. Returns (total, ({term_key: value}, ci_lower))."""
+                  record: dict | None = None, pins: dict | None = None):
+    """Everything up to the total loss. `pins` (stage bundles) replace computed
+    `ci_lower.<site>` / `ci_upper.<site>` and per-forward routes / masks with given values. Returns (total, ({term_key: value}, ci_lower))."""
     cfg = run.cfg
     clean, site_inputs = model.clean_forward(frozen, batch)
     inner = {}
@@ -123,6 +124,10 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict
     for s in run.sites:
         u = draws[f"binomial.{s.name}"] if cfg.sampling == "binomial" else None
         ci_lower[s.name], ci_upper[s.name] = ci_pair(z[s.name], u)
+    pins = pins or {}
+    for s in run.sites:
+        ci_lower[s.name] = pins.get(f"ci_lower.{s.name}", ci_lower[s.name])
+        ci_upper[s.name] = pins.get(f"ci_upper.{s.name}", ci_upper[s.name])
     if record is not None:
         record["clean_out"] = clean
         for s in run.sites:
@@ -138,7 +143,7 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict
         elif t.type == "importance_minimality":
             v = importance_minimality(run, ci_upper, hp["imp_min_p"], t.beta, t.eps)
         else:
-            v = recon_term(run, model, frozen, params, recon[i], batch, clean, ci_lower, draws, record)
+            v = recon_term(run, model, frozen, params, recon[i], batch, clean, ci_lower, draws, record, pins)
         terms[term_key(i, t)] = v
         total = total + t.coeff * v
     if record is not None:

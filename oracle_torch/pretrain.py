@@ -27,24 +27,24 @@ from oracle_torch.targets import build_target, target_forward
 # ---------------------------------------------------------------- recipes
 TMS_SPECS = {
     "tms_5-2": dict(config=dict(n_features=5, n_hidden=2, feature_probability=0.05),
-                    steps=8000, lr=1e-2, batch=1024, seed=0),
+                    steps=5000, lr=1e-2, batch=1024, seed=0),
     "tms_40-10": dict(config=dict(n_features=40, n_hidden=10, feature_probability=0.05),
-                      steps=8000, lr=1e-2, batch=1024, seed=0),
+                      steps=5000, lr=1e-2, batch=1024, seed=0),
 }
 RESID_SPECS = {
     "resid_mlp1": dict(config=dict(n_features=100, d_embed=1000, d_mlp=50, n_layers=1,
                                    feature_probability=0.01, embed_seed=0),
-                       steps=3000, lr=3e-3, batch=512, seed=0),
+                       steps=2500, lr=3e-3, batch=256, seed=0),
     "resid_mlp2": dict(config=dict(n_features=100, d_embed=1000, d_mlp=25, n_layers=2,
                                    feature_probability=0.01, embed_seed=0),
-                       steps=3000, lr=3e-3, batch=512, seed=0),
+                       steps=2500, lr=3e-3, batch=256, seed=0),
 }
 LLAMA_SPEC = dict(
     config=dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=24, intermediate_size=172,
                 max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
                 tie_word_embeddings=False, hidden_act="silu", attention_bias=False, mlp_bias=False),
-    steps=1500, lr=3e-3, warmup=100, final_lr_frac=0.1, weight_decay=0.01, batch=16,
+    steps=1000, lr=3e-3, warmup=100, final_lr_frac=0.1, weight_decay=0.01, batch=16,
     seq_len=128, seed=0, clip=1.0, eval_windows=64, eval_seed=12345,
 )
 ALL = list(TMS_SPECS) + list(RESID_SPECS) + ["tiny_llama"]

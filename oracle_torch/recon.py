@@ -23,13 +23,16 @@ def bernoulli_from_uniform(u: torch.Tensor) -> torch.Tensor:
     return (u < 0.5).to(u.dtype)
 
 
-def site_modes(run, term, ei: int, d: int, ci_lower: dict, draws: dict) -> dict[str, SiteMode]:
-    """The SiteModes of forward (entry ei, draw d) of a recon term (S26, S27)."""
+def site_modes(run, term, ei: int, d: int, ci_lower: dict, draws: dict, pins: dict) -> dict[str, SiteMode]:
+    """The SiteModes of forward (entry ei, draw d) of a recon term (S26, S27). `pins`
+    (stage bundles) may replace this forward's routes and masks: `route.<tag>`, `mask.<tag>.<site>`."""
     e = term.entries[ei]
+    tag = f"t{term.index}.e{ei}.d{d}"
     routes = None
     if e.routing == "uniform_k":
         routes = route_from_uniforms(draws[draw_name(term.index, ei, d, "route_k")],
                                      draws[draw_name(term.index, ei, d, "route_order")])
+        routes = pins.get(f"route.{tag}", routes)
     modes = {}
     for j, name in enumerate(e.live):
         ci = ci_lower[name]
@@ -47,18 +50,27 @@ def site_modes(run, term, ei: int, d: int, ci_lower: dict, draws: dict) -> dict[
             modes[name] = SiteMode(torch.ones_like(ci), None, route)
         else:
             raise ValueError(f"loss_terms.{term.index}: source {term.source!r} is not implemented")
+        if f"mask.{tag}.{name}" in pins:
+            modes[name].mask = pins[f"mask.{tag}.{name}"]
     return modes
 
 
-def recon_term(run, model, term, batch, clean, ci_lower: dict, draws: dict, record=None) -> torch.Tensor:
+def routes_of(modes: dict, live):
+    """The routes of one forward, bool [..., n_live]."""
+    return torch.stack([modes[n].route for n in live], -1)
+
+
+def recon_term(run, model, term, batch, clean, ci_lower: dict, draws: dict, record=None, pins=None) -> torch.Tensor:
     total, n = 0.0, 0
     for ei, e in enumerate(term.entries):
         for d in range(e.n_draws):
-            modes = site_modes(run, term, ei, d, ci_lower, draws)
+            modes = site_modes(run, term, ei, d, ci_lower, draws, pins or {})
             out = model.masked_forward(batch, modes)
             if record is not None:
                 tag = f"t{term.index}.e{ei}.d{d}"
                 record[f"masked_out.{tag}"] = out
+                if e.routing == "uniform_k":
+                    record[f"route.{tag}"] = routes_of(modes, e.live)
                 for name, m in modes.items():
                     record[f"mask.{tag}.{name}"] = m.mask
             total = total + output_divergence(run.cfg.output_loss, out, clean)

@@ -112,8 +112,9 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> 
 
 
 def forward_terms(run: ResolvedRun, model: DecomposedModel, params: dict, batch, draws: dict, hp: dict,
-                  record: dict | None = None):
-    """Everything up to the total loss. Returns (total, {term_key: value}, ci_lower)."""
+                  record: dict | None = None, pins: dict | None = None):
+    """Everything up to the total loss. `pins` (stage bundles) replace computed
+    `ci_lower.<site>` / `ci_upper.<site>` and per-forward routes / masks with given values. Returns (total, {term_key: value}, ci_lower)."""
     cfg = run.cfg
     clean, site_inputs = model.clean_forward(batch)
     inner = {}
@@ -124,6 +125,10 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, params: dict, batch,
     for s in run.sites:
         u = draws[f"binomial.{s.name}"] if cfg.sampling == "binomial" else None
         ci_lower[s.name], ci_upper[s.name] = ci_pair(z[s.name], u)
+    pins = pins or {}
+    for s in run.sites:
+        ci_lower[s.name] = pins.get(f"ci_lower.{s.name}", ci_lower[s.name])
+        ci_upper[s.name] = pins.get(f"ci_upper.{s.name}", ci_upper[s.name])
     if record is not None:
         record["clean_out"] = clean
         for s in run.sites:
@@ -139,7 +144,7 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, params: dict, batch,
         elif t.type == "importance_minimality":
             v = importance_minimality(run, ci_upper, hp["imp_min_p"], t.beta, t.eps)
         else:
-            v = recon_term(run, model, recon[i], batch, clean, ci_lower, draws, record)
+            v = recon_term(run, model, recon[i], batch, clean, ci_lower, draws, record, pins)
         terms[term_key(i, t)] = v
         total = total + t.coeff * v
     if record is not None:
@@ -164,8 +169,8 @@ def train_step(run: ResolvedRun, model: DecomposedModel, state: TrainState, batc
         p.grad = None
     total, terms, ci_lower = forward_terms(run, model, state.params, batch, draws, hp, record)
     total.backward()
-    metrics = {f"loss/{k}": float(v) for k, v in terms.items()}
-    metrics["loss/total"] = float(total)
+    metrics = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
+    metrics["loss/total"] = float(total.detach())
     for n, p in state.params.items():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         metrics[f"grad_norm/{n}"] = float(torch.linalg.vector_norm(g))
@@ -191,3 +196,169 @@ def train_step(run: ResolvedRun, model: DecomposedModel, state: TrainState, batc
 
 def draws_for_step(run: ResolvedRun, step: int, dtype, batch_shape=None) -> dict[str, torch.Tensor]:
     return sample_draws(draw_plan(run, batch_shape), run.cfg.seed, step, dtype)
+
+
+# ---------------------------------------------------------------- the training loop
+def _with_dtype(run: ResolvedRun, name: str) -> ResolvedRun:
+    """`run` with runtime.dtype set to `name`, so the override is recorded in the config."""
+    from contract.config import parse_config
+    from contract.resolve import resolve_run
+
+    if run.cfg.runtime.dtype == name:
+        return run
+    d = run.cfg.to_dict()
+    d["runtime"]["dtype"] = name
+    return resolve_run(parse_config(d, "dtype override"))
+
+
+def _read_metric_lines(path, before_step: int) -> list[str]:
+    """The lines of metrics.jsonl with step < before_step (a torn last line is dropped)."""
+    import json
+
+    keep = []
+    if not path.is_file():
+        return keep
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] < before_step:
+            keep.append(line)
+    return keep
+
+
+def _rewrite_metrics(path, lines: list[str]) -> None:
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: bool = True) -> dict:
+    """Train `run` into `out_dir` (metrics.jsonl, checkpoints/). Returns a summary.
+
+    - Resumes from the latest checkpoint of `out_dir` (refused under another config);
+      `resume=False` starts afresh, clearing the old checkpoints and metrics of `out_dir`.
+    - The faithfulness warmup runs only for a fresh start (S44).
+    - Line `{"step": k, ...}` of metrics.jsonl holds the metrics of training step k (params
+      before its update; every `log_every` steps and the last step) and the eval of the
+      params before step k (every `eval.every` steps); a final line `{"step": steps, eval}`
+      evaluates the trained params. On resume from a checkpoint at step k (k steps done)
+      lines with step >= k are dropped first, so the file matches an uninterrupted run.
+    - Checkpoints every `checkpoint.every` steps and at the end. SIGINT/SIGTERM stop the
+      run between two steps and save a checkpoint at the current step (a second signal
+      aborts at once, without saving: the last good checkpoint stands).
+    """
+    import json
+    import os
+    import shutil
+    import signal
+    import threading
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from contract.data import batch_for_step
+    from oracle_torch.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
+    from oracle_torch.eval import evaluate, to_torch_batch
+
+    if dtype is not None:
+        name = dtype if isinstance(dtype, str) else {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
+        torch_dtype(name)
+        run = _with_dtype(run, name)
+    cfg = run.cfg
+    dt = torch_dtype(cfg.runtime.dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+
+    ckpt = latest_checkpoint(out) if resume else None
+    if not resume:
+        shutil.rmtree(checkpoint_root(out), ignore_errors=True)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, run, dt)
+    else:
+        state = make_state(run, None, dt)
+    _rewrite_metrics(metrics_path, _read_metric_lines(metrics_path, state.step))
+    model = DecomposedModel(run, state.params, dt)
+    if ckpt is None:
+        warm = faithfulness_warmup(run, model, state.params)
+        if warm:
+            state.extra["faithfulness_warmup"] = {"steps": len(warm), "first": warm[0], "last": warm[-1]}
+    start = state.step
+    saved_at = start if ckpt is not None else None
+    ck_every, ev_every = cfg.checkpoint.every, cfg.eval.every
+
+    stop = {"signum": None}
+    old_handlers = {}
+
+    def _on_signal(signum, frame):
+        if stop["signum"] is not None:  # second signal: abort now, no save
+            raise KeyboardInterrupt
+        stop["signum"] = signum
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[sig] = signal.signal(sig, _on_signal)
+
+    def _save(step: int) -> Path:
+        mf.flush()
+        os.fsync(mf.fileno())
+        return save_checkpoint(out, state, run, step, cfg.checkpoint.keep, dt)
+
+    last_train, last_eval, last_ckpt = {}, {}, ckpt
+    pbar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="vpd-oracle", dynamic_ncols=True)
+    try:
+        with open(metrics_path, "a") as mf:
+            while state.step < cfg.steps:
+                if stop["signum"] is not None:
+                    break
+                k = state.step
+                line: dict = {}
+                if ev_every and k % ev_every == 0:
+                    last_eval = evaluate(run, model, state.params, k, dt)
+                    line |= last_eval
+                batch = to_torch_batch(batch_for_step(run, cfg.seed, k), dt)
+                m = train_step(run, model, state, batch, draws_for_step(run, k, dt))
+                if k % cfg.log_every == 0 or k == cfg.steps - 1:
+                    last_train = m
+                    line |= m
+                if k == 0 and "faithfulness_warmup" in state.extra:
+                    fw = state.extra["faithfulness_warmup"]
+                    line |= {"warmup/faithfulness_first": fw["first"], "warmup/faithfulness_last": fw["last"]}
+                if line:
+                    mf.write(json.dumps({"step": k, **line}) + "\n")
+                    mf.flush()
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{m['loss/total']:.4g}", refresh=False)
+                if ck_every and state.step % ck_every == 0 and state.step < cfg.steps:
+                    last_ckpt, saved_at = _save(state.step), state.step
+            interrupted = stop["signum"] is not None
+            if not interrupted and ev_every:
+                last_eval = evaluate(run, model, state.params, cfg.steps, dt)
+                mf.write(json.dumps({"step": cfg.steps, **last_eval}) + "\n")
+                mf.flush()
+            if saved_at != state.step:
+                last_ckpt, saved_at = _save(state.step), state.step
+    finally:
+        pbar.close()
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+    return {
+        "start_step": start,
+        "step": state.step,
+        "steps": cfg.steps,
+        "interrupted": interrupted,
+        "signal": None if stop["signum"] is None else signal.Signals(stop["signum"]).name,
+        "final_metrics": last_train,
+        "final_eval": last_eval,
+        "metrics_path": str(metrics_path),
+        "checkpoint_dir": str(checkpoint_root(out)),
+        "last_checkpoint": None if last_ckpt is None else str(last_ckpt),
+        "config_hash": cfg.hash(),
+    }

@@ -1,6 +1,6 @@
 """Config schema and resolution (contract/config.py, contract/resolve.py).
 
-Guards the config-fidelity rule of DESIGN.md: a bad config is refused with ONE ConfigError
+Guards SPEC S1 and the config-fidelity rule of DESIGN.md: a bad config is refused with ONE ConfigError
 whose message names the field by its dotted path in the config (and the bad value), both
 at parse time (pydantic) and at resolve time (cross-field rules both backends share);
 every shipped config loads and resolves; config_diff names the changed fields.
@@ -95,7 +95,7 @@ PARSE_ERRORS = [
 
 @pytest.mark.parametrize("mutate,path,fragment", [p[1:] for p in PARSE_ERRORS], ids=[p[0] for p in PARSE_ERRORS])
 def test_parse_error_names_field_path(mutate, path, fragment):
-    # guards: one mistake -> one ConfigError with exactly one line `path: problem (got value)`
+    # guards S1: one mistake -> one ConfigError with exactly one line `path: problem (got value)`
     d = base_config()
     parse_config(copy.deepcopy(d))  # the base is valid, so the mutation alone is at fault
     mutate(d)
@@ -161,8 +161,9 @@ RESOLVE_ERRORS = [
 
 @pytest.mark.parametrize("mutate,path,fragment", [p[1:] for p in RESOLVE_ERRORS], ids=[p[0] for p in RESOLVE_ERRORS])
 def test_resolve_error_names_field_path(tmp_path, mutate, path, fragment):
-    # guards: cross-field / unsupported combinations are refused by resolve_run (which both
-    # backends call) with one ConfigError naming the field
+    # guards S1 (refusals in resolve_run, which both backends call), S2 (patterns), S20
+    # (terms at most once), S25 (chunk size), S29 (PGD refused), S70 (bf16 refused):
+    # one ConfigError naming the field
     d = base_config(write_tms_target(tmp_path))
     resolve_run(parse_config(copy.deepcopy(d)))  # the base resolves
     mutate(d)
@@ -175,7 +176,7 @@ def test_resolve_error_names_field_path(tmp_path, mutate, path, fragment):
 
 
 def test_chunk_size_equal_to_site_count_is_fine(tmp_path):
-    # guards: the chunk check is `>` not `>=` (one chunk holding every site is legal)
+    # guards S25: the chunk check is `>` not `>=` (one chunk holding every site is legal)
     d = base_config(write_tms_target(tmp_path))
     d["loss_terms"].append({"type": "chunkwise_subset_recon", "coeff": 1.0, "sites_per_chunk": 2})
     run = resolve_run(parse_config(d))

@@ -1,7 +1,7 @@
 """Data streams (contract/data.py): the batch at a step is a pure function of (seed, step)
 (resumable, identical for every backend and process), data-parallel ranks cut the global
 batch, sparse features have the configured density, and token streams are windows of the
-user's file. Spec S60-S62."""
+user's file. SPEC S60-S62."""
 from __future__ import annotations
 
 import hashlib
@@ -186,7 +186,7 @@ def test_bad_token_file_names_the_field(tmp_path):
 
 
 def test_batch_for_step_eval_split_differs(tmp_path):
-    # guards: the eval split is a different stream from training, deterministic too
+    # guards S61: the eval split is a different stream from training, deterministic too
     run = SimpleNamespace(
         cfg=parse_config({
             "target": {"kind": "tms", "weights": "unused.safetensors"},

@@ -1,6 +1,7 @@
 """The draw plan (contract/draws.py): which random tensors each recon term consumes, how
 the parity harness samples them, and the routing rule derived from uniforms.
-ALGORITHM §5 (plans, sources, uniform_k routing), §8 (independence); Spec S50-S53."""
+ALGORITHM §5 (plans, sources, uniform_k routing), §8 (independence); SPEC S8, S12,
+S25-S27, S50-S53."""
 from __future__ import annotations
 
 import itertools
@@ -74,20 +75,20 @@ def route_draws(term, entry, draw, n):
 
 # ------------------------------------------------------------------ plan contents
 def test_site_order(weights):
-    # guards S2: the order the names below rely on
+    # guards S2: the site order the names below rely on
     assert run_with(weights, []).site_names == tuple(SITES)
 
 
 @pytest.mark.parametrize("delta", [True, False])
 def test_stochastic_recon_one_source_per_site_no_routing(weights, delta):
-    # guards: all-sites plan = one source per live site per draw (+delta channel when
-    # use_delta_component), routed everywhere -> no routing draws
+    # guards S25/S26/S8: all-sites plan = one source per live site per draw (+delta channel
+    # when use_delta_component), routed everywhere -> no routing draws
     run = run_with(weights, [{"type": "stochastic_recon"}], use_delta_component=delta)
     assert shapes(draw_plan(run)) == source_draws(1, 0, 0, SITES, delta)
 
 
 def test_layerwise_one_entry_per_site(weights):
-    # guards: per_site plan = one entry per site, holding only that site's draws
+    # guards S25: per_site plan = one entry per site, holding only that site's draws
     run = run_with(weights, [{"type": "stochastic_recon_layerwise"}])
     want = {}
     for e, s in enumerate(SITES):
@@ -96,13 +97,13 @@ def test_layerwise_one_entry_per_site(weights):
 
 
 def test_subset_routes_over_all_sites(weights):
-    # guards: subset plan = all sites' sources + route_k and route_order of width n_sites
+    # guards S25/S51: subset plan = all sites' sources + route_k and route_order of width n_sites
     run = run_with(weights, [{"type": "stochastic_recon_subset"}])
     assert shapes(draw_plan(run)) == source_draws(1, 0, 0, SITES) | route_draws(1, 0, 0, len(SITES))
 
 
 def test_chunkwise_one_entry_per_chunk_last_shorter(weights):
-    # guards: chunks of sites_per_chunk consecutive sites, each with routing of the chunk's
+    # guards S25: chunks of sites_per_chunk consecutive sites, each with routing of the chunk's
     # width; 6 sites in chunks of 4 -> widths 4 and 2
     run = run_with(weights, [{"type": "chunkwise_subset_recon", "sites_per_chunk": 4}])
     (t,) = run.recon_terms
@@ -113,7 +114,7 @@ def test_chunkwise_one_entry_per_chunk_last_shorter(weights):
 
 
 def test_ci_masked_and_unmasked_draw_no_sources(weights):
-    # guards: constant sources (ci_masked = 0, unmasked = 1) need no random source; the
+    # guards S26/S27/S8: constant sources (ci_masked = 0, unmasked = 1) need no random source; the
     # subset variant still routes; n_mask_samples does not multiply constant-source terms
     run = run_with(weights, [
         {"type": "ci_masked_recon"}, {"type": "ci_masked_recon_layerwise"},
@@ -123,7 +124,7 @@ def test_ci_masked_and_unmasked_draw_no_sources(weights):
 
 
 def test_binomial_noise_per_site(weights):
-    # guards: binomial sampling adds one noise tensor per site [batch, C] (for ci_lower),
+    # guards S12/S50: binomial sampling adds one noise tensor per site [batch, C] (for ci_lower),
     # independent of the recon terms
     run = run_with(weights, [], sampling="binomial")
     assert shapes(draw_plan(run)) == {f"binomial.{s}": (B, C[s]) for s in SITES}
@@ -132,7 +133,7 @@ def test_binomial_noise_per_site(weights):
 
 
 def test_n_mask_samples_multiplies_draws(weights):
-    # guards: n_mask_samples = number of forwards (draws) per entry of stochastic terms,
+    # guards S27: n_mask_samples = number of forwards (draws) per entry of stochastic terms,
     # each with its own sources and routing
     run = run_with(weights, [{"type": "stochastic_recon"}, {"type": "stochastic_recon_subset"}],
                    n_mask_samples=3)
@@ -144,7 +145,7 @@ def test_n_mask_samples_multiplies_draws(weights):
 
 
 def test_plan_uses_given_batch_shape(weights):
-    # guards: the plan follows the batch shape it is asked for (eval batches, (B, T) inputs)
+    # guards S50: the plan follows the batch shape it is asked for (eval batches, (B, T) inputs)
     run = run_with(weights, [{"type": "stochastic_recon_subset"}])
     for spec in draw_plan(run, (2, 7)):
         assert spec.shape[:2] == (2, 7)
@@ -157,7 +158,7 @@ def _specs():
 
 
 def test_sample_numpy_deterministic_per_seed_step_name():
-    # guards S53: the harness's draw for a name depends only on (seed, step, name): not on
+    # guards S50: the harness's draw for a name depends only on (seed, step, name): not on
     # the plan's order or contents, and not on process state
     plan = _specs()
     a, b = sample_numpy(plan, 3, 9), sample_numpy(plan, 3, 9)
@@ -171,7 +172,7 @@ def test_sample_numpy_deterministic_per_seed_step_name():
 
 
 def test_sample_numpy_independent_across_names():
-    # guards §8: draws are independent across names (e.g. draw 0 vs draw 1 of one site)
+    # guards S53 / ALGORITHM §8: draws are independent across names (e.g. draw 0 vs draw 1 of one site)
     n = 40_000
     names = ["t1.e0.d0.a.source", "t1.e0.d1.a.source", "t2.e0.d0.a.source", "t1.e0.d0.b.source"]
     xs = [numpy_rng(0, 0, nm).random(n) for nm in names]
@@ -233,7 +234,7 @@ def test_routing_uniform_k_and_uniform_subsets():
 
 
 def test_routing_extra_axes_and_single_site():
-    # guards: routing works on (B, T, n) and a single live site always routes
+    # guards S51: routing works on (B, T, n) and a single live site always routes
     g = np.random.default_rng(1)
     r = route_from_uniforms(g.random((3, 5)), g.random((3, 5, 6)))
     assert r.shape == (3, 5, 6)
@@ -242,7 +243,7 @@ def test_routing_extra_axes_and_single_site():
 
 
 def test_bernoulli_from_uniform():
-    # guards S50: Bernoulli(1/2) sources are u < 0.5, in the input's dtype
+    # guards S52/S12: Bernoulli(1/2) sources are u < 0.5, in the input's dtype
     u = np.array([0.0, 0.49, 0.5, 0.99], dtype=np.float32)
     b = bernoulli_from_uniform(u)
     assert b.dtype == np.float32 and b.tolist() == [1.0, 1.0, 0.0, 0.0]

@@ -1,5 +1,5 @@
 """Schedules (contract/schedules.py) against hand-computed values of the formula in
-ALGORITHM.md §7 (S40) and the importance-minimality p annealing of §5 (S41)."""
+ALGORITHM.md §7 (S40) and the importance-minimality p annealing of §5 (S24, S41)."""
 from __future__ import annotations
 
 import math
@@ -78,13 +78,13 @@ def imp(**kw):
 
 
 def test_imp_min_p_no_anneal():
-    # guards S41: without p_anneal_final_p, p = pnorm throughout
+    # guards S24/S41: without p_anneal_final_p, p = pnorm throughout
     t = imp(pnorm=2.0, p_anneal_start_frac=0.0, p_anneal_end_frac=0.5)
     assert {imp_min_p(t, s, 100) for s in range(100)} == {2.0}
 
 
 def test_imp_min_p_window_endpoints():
-    # guards S41: linear from pnorm to final_p over [start_frac, end_frac] of training,
+    # guards S24/S41: linear from pnorm to final_p over [start_frac, end_frac] of training,
     # constant outside; the endpoints take pnorm and final_p exactly
     t = imp(pnorm=2.0, p_anneal_start_frac=0.2, p_anneal_end_frac=0.6, p_anneal_final_p=1.0)
     assert imp_min_p(t, 0, 100) == 2.0
@@ -97,12 +97,12 @@ def test_imp_min_p_window_endpoints():
 
 
 def test_imp_min_p_degenerate_window():
-    # guards S41: start_frac == end_frac is a step change (no division by zero)
+    # guards S24/S41: start_frac == end_frac is a step change (no division by zero)
     t = imp(pnorm=2.0, p_anneal_start_frac=0.5, p_anneal_end_frac=0.5, p_anneal_final_p=0.5)
     assert [imp_min_p(t, s, 10) for s in (4, 5, 6)] == [2.0, 2.0, 0.5]
 
 
 def test_imp_min_p_default_window_never_anneals():
-    # guards S41 defaults: window [1, 1] -> p stays pnorm for every training step
+    # guards S24/S41 defaults: window [1, 1] -> p stays pnorm for every training step
     t = imp(pnorm=2.0, p_anneal_final_p=1.0)
     assert {imp_min_p(t, s, 10) for s in range(10)} == {2.0}

@@ -1,0 +1,227 @@
+"""Checkpoints of the JAX trainer. Mirror of oracle_torch/checkpoint.py (same function names,
+same directory naming, same refusal rules).
+
+Layout: `out_dir/checkpoints/step_{step:08d}/`, written by an orbax `CheckpointManager`
+(`max_to_keep = cfg.checkpoint.keep`). orbax writes into a temporary directory and renames it
+on commit, so a checkpoint is either complete or absent. Each checkpoint holds two items:
+
+- `state`: the whole training-state pytree — params, both optax AdamW states (injected
+  hyper-parameters, counts, moments) and `step` — restored against an abstract tree built
+  from the run (`abstract_state`), so dtypes and structure come back exactly;
+- `meta`: JSON with the step, the resolved config (`cfg.to_dict()`) and its hash, the dtype,
+  the sha256 of the target weights, library versions, date and `extra` (training notes such
+  as the faithfulness-warmup losses).
+
+A resume under a different config, dtype or target is refused with a field-by-field diff
+(`contract.config.config_diff`). Saves are synchronous: the training step donates its state
+buffers, so an asynchronous writer could read a buffer the next step already reused.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import platform
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from contract.config import ConfigError, config_diff, parse_config
+from contract.resolve import ResolvedRun, resolve_run
+from contract.targets import resolve_path
+
+CKPT_SUBDIR = "checkpoints"
+FORMAT = "vpd-jax-checkpoint/1"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+ITEMS = ("state", "meta")
+
+
+def _dtype_name(dtype) -> str:
+    return str(np.dtype(dtype))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def target_sha256(run: ResolvedRun) -> str:
+    return _file_sha256(resolve_path(run.cfg.target.weights))
+
+
+def _versions() -> dict:
+    import jaxlib
+    import optax
+    out = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+           "optax": optax.__version__, "numpy": np.__version__}
+    try:
+        from importlib.metadata import version
+        out["orbax-checkpoint"] = version("orbax-checkpoint")
+    except Exception:  # pragma: no cover - metadata missing in odd installs
+        pass
+    return out
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / CKPT_SUBDIR
+
+
+def make_manager(out_dir: str | Path, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+    """The orbax manager of `out_dir/checkpoints` (synchronous, atomic, `step_XXXXXXXX` dirs)."""
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                        step_prefix="step", step_format_fixed_length=8,
+                                        enable_async_checkpointing=False)
+    return ocp.CheckpointManager(checkpoint_root(out_dir).resolve(), options=opts, item_names=ITEMS)
+
+
+def _step_path(out_dir: str | Path, step: int) -> Path:
+    return checkpoint_root(out_dir) / f"step_{step:08d}"
+
+
+def _split(path: str | Path) -> tuple[Path, int]:
+    """checkpoint dir `.../checkpoints/step_XXXXXXXX` -> (run out_dir, step)."""
+    path = Path(path)
+    m = _STEP_RE.match(path.name)
+    if not m or path.parent.name != CKPT_SUBDIR:
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (expected .../{CKPT_SUBDIR}/step_XXXXXXXX)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    return path.parent.parent, int(m.group(1))
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run dir, oldest first (orbax temp dirs are ignored)."""
+    if not checkpoint_root(out_dir).is_dir():
+        return []
+    mngr = make_manager(out_dir, read_only=True)
+    try:
+        return [_step_path(out_dir, s) for s in sorted(mngr.all_steps())]
+    finally:
+        mngr.close()
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    cks = list_checkpoints(out_dir)
+    return cks[-1] if cks else None
+
+
+def save_checkpoint(out_dir: str | Path, state: dict, run: ResolvedRun, step: int, keep: int, dtype=None,
+                    extra: dict | None = None, manager: ocp.CheckpointManager | None = None) -> Path:
+    """Write `out_dir/checkpoints/step_{step:08d}/` atomically; keep the last `keep`.
+    Pass a long-lived `manager` (from `make_manager(out_dir, keep)`) to save repeatedly."""
+    have = int(jax.device_get(state["step"]))
+    if have != step:
+        raise ValueError(f"save_checkpoint: state is at step {have}, asked to save it as step {step}")
+    if keep < 1:
+        raise ValueError("save_checkpoint: keep must be >= 1")
+    dtype = dtype or next(iter(state["params"].values())).dtype
+    meta = {
+        "format": FORMAT,
+        "backend": "jax",
+        "step": step,
+        "config": run.cfg.to_dict(),
+        "config_hash": run.cfg.hash(),
+        "dtype": _dtype_name(dtype),
+        "target_sha256": target_sha256(run),
+        "param_order": list(state["params"]),
+        "versions": _versions(),
+        "platform": platform.platform(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "extra": extra or {},
+    }
+    mngr = manager or make_manager(out_dir, keep)
+    try:
+        if step in mngr.all_steps():  # same step written again (e.g. a fresh run over an old dir)
+            mngr.delete(step)
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                  force=True)
+        mngr.wait_until_finished()
+    finally:
+        if manager is None:
+            mngr.close()
+    return _step_path(out_dir, step)
+
+
+def read_meta(path: str | Path) -> dict:
+    out_dir, step = _split(path)
+    mngr = make_manager(out_dir, read_only=True)
+    try:
+        return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    finally:
+        mngr.close()
+
+
+def check_compatible(meta: dict, run: ResolvedRun, dtype, path: Path) -> None:
+    """Refuse a resume under another config, dtype or target (ConfigError with a diff)."""
+    diff = config_diff(meta["config"], run.cfg.to_dict())
+    if diff:
+        raise ConfigError(f"cannot resume from {path}: it was written under a different config "
+                          f"(checkpoint -> this run):\n" + "\n".join(diff) +
+                          "\nuse the checkpoint's config, or start afresh (--no-resume / another --out)")
+    if meta.get("dtype") != _dtype_name(dtype):
+        raise ConfigError(f"cannot resume from {path}: it holds a {meta.get('dtype')} state, this run is {_dtype_name(dtype)}")
+    sha = target_sha256(run)
+    if meta.get("target_sha256") not in (None, sha):
+        raise ConfigError(f"cannot resume from {path}: the target weights {run.cfg.target.weights} changed since it was written "
+                          f"(sha256 {meta['target_sha256'][:12]}… -> {sha[:12]}…)")
+
+
+def abstract_state(run: ResolvedRun, dtype) -> dict:
+    """Shapes, dtypes and pytree structure of the training state of `run` (nothing allocated)."""
+    from contract.init import init_state
+    from jax_impl.train import make_state
+    shapes = {n: jax.ShapeDtypeStruct(a.shape, dtype) for n, a in init_state(run).items()}
+    tree = jax.eval_shape(lambda arrays: make_state(run, arrays, dtype), shapes)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+
+
+def load_checkpoint(path: str | Path, run: ResolvedRun, dtype) -> dict:
+    """Restore the whole training state (params, both optax states, step) exactly."""
+    path = Path(path)
+    out_dir, step = _split(path)
+    meta = read_meta(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    check_compatible(meta, run, dtype, path)
+    target = abstract_state(run, dtype)
+    mngr = make_manager(out_dir, read_only=True)
+    try:
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    finally:
+        mngr.close()
+    if jax.tree.structure(state) != jax.tree.structure(target):
+        raise ValueError(f"checkpoint {path}: the stored state's structure differs from the run's")
+    bad = [f"{jax.tree_util.keystr(k)}: {a.shape}/{a.dtype} vs {t.shape}/{t.dtype}"
+           for (k, a), t in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(target))
+           if a.shape != t.shape or a.dtype != t.dtype]
+    if bad:
+        raise ValueError(f"checkpoint {path}: restored leaves differ from the run: " + "; ".join(bad))
+    if int(state["step"]) != meta["step"]:
+        raise ValueError(f"checkpoint {path}: meta says step {meta['step']}, the state holds {int(state['step'])}")
+    return state
+
+
+def load_run_checkpoint(path: str | Path, dtype=None) -> tuple[dict, dict, ResolvedRun]:
+    """(state, meta, run) of a checkpoint dir, or of the newest checkpoint of a run dir; the run
+    is rebuilt from the config stored in the checkpoint, dtype defaults to the stored one."""
+    path = Path(path)
+    if not _STEP_RE.match(path.name):
+        ck = latest_checkpoint(path)
+        if ck is None:
+            raise FileNotFoundError(f"no checkpoint under {checkpoint_root(path)}")
+        path = ck
+    meta = read_meta(path)
+    run = resolve_run(parse_config(meta["config"], f"config stored in {path}"))
+    dtype = np.dtype(meta["dtype"]) if dtype is None else dtype
+    return load_checkpoint(path, run, dtype), meta, run
+
+
+def clear_checkpoints(out_dir: str | Path) -> None:
+    shutil.rmtree(checkpoint_root(out_dir), ignore_errors=True)

@@ -1,0 +1,173 @@
+"""Evaluation metrics of a decomposition (no gradient). Mirror of oracle_torch/eval.py with
+the same function names; see that module's docstring for the metric definitions.
+
+On one eval batch, every site live and routed everywhere:
+- `eval/l0/{site}`: mean over positions of #components with ci_lower > 0;
+- the output loss under the five masks of `EVAL_VARIANTS` (ci, stochastic, unmasked,
+  rounded, zero): toys `eval/mse/{variant}` vs the clean output; llama `eval/kl/{variant}`
+  (KL(clean || masked), mean over positions), `eval/ce/{variant}` (next-token CE) and
+  `eval/ce/target` (the clean model).
+
+CI in eval is deterministic (no binomial noise). The only random draws are
+`eval.{site}.source` [..., C] and `eval.{site}.delta` [...] (`eval_draw_plan`). In production
+they come from `jax.random` keyed by `fold_in(fold_in(PRNGKey(seed + 1), step), j)` for eval
+batch j of the eval at `step` (`eval_key`); the parity harness may pass explicit draws.
+Batch j of the eval at step k is eval-stream step `k * n_batches + j` (as in the oracle).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from contract.data import batch_for_step
+from contract.draws import DrawSpec
+from contract.resolve import ResolvedRun
+from jax_impl.ci_fn import ci_logits
+from jax_impl.components import DecomposedModel, SiteMode, inner_act
+from jax_impl.losses import output_divergence
+from jax_impl.recon import bernoulli_from_uniform
+from jax_impl.sigmoids import ci_pair
+
+EVAL_VARIANTS = ("ci", "stochastic", "unmasked", "rounded", "zero")
+
+
+def eval_draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...]) -> list[DrawSpec]:
+    """The draws one eval batch consumes (only the `stochastic` variant is random)."""
+    bs = tuple(batch_shape)
+    plan = []
+    for s in run.sites:
+        plan.append(DrawSpec(f"eval.{s.name}.source", bs + (s.C,)))
+        if run.cfg.use_delta_component:
+            plan.append(DrawSpec(f"eval.{s.name}.delta", bs))
+    return plan
+
+
+def eval_batch_shape(run: ResolvedRun) -> tuple[int, ...]:
+    B = run.cfg.eval.batch_size
+    return (B, run.cfg.data.seq_len) if run.cfg.target.kind == "llama" else (B,)
+
+
+def eval_key(seed: int, step: int, j: int):
+    """Production key of eval batch j of the eval at `step`: its own stream (seed + 1)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed + 1), step), j)
+
+
+def sample_eval_draws(plan: list[DrawSpec], key, dtype) -> dict:
+    return {d.name: jax.random.uniform(jax.random.fold_in(key, i), d.shape, dtype) for i, d in enumerate(plan)}
+
+
+def to_jax_batch(b: np.ndarray, dtype):
+    """numpy batch -> JAX: token ids stay integer (int32 unless x64), toy features take the working dtype."""
+    if b.dtype.kind in "iu":
+        return jnp.asarray(b)
+    return jnp.asarray(b, dtype)
+
+
+def eval_ci(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, batch):
+    """(clean output, deterministic ci_lower per site) of a batch."""
+    clean, site_inputs = model.clean_forward(frozen, batch)
+    inner = {}
+    if run.cfg.ci_fn.type == "mlp":
+        inner = {s.name: inner_act(s, site_inputs[s.name], params[f"components.{s.name}.V"]) for s in run.sites}
+    z = ci_logits(run, params, site_inputs, inner)
+    return clean, {s.name: ci_pair(z[s.name], None)[0] for s in run.sites}
+
+
+def eval_modes(run: ResolvedRun, variant: str, ci_lower: dict, draws: dict) -> dict[str, SiteMode]:
+    """SiteModes of one eval variant: every site live, routed everywhere."""
+    modes = {}
+    for s in run.sites:
+        ci = ci_lower[s.name]
+        if variant == "ci":
+            modes[s.name] = SiteMode(ci, None, None)
+        elif variant == "stochastic":
+            u = draws[f"eval.{s.name}.source"]
+            if run.cfg.sampling == "binomial":
+                u = bernoulli_from_uniform(u)
+            dm = draws[f"eval.{s.name}.delta"] if run.cfg.use_delta_component else None
+            modes[s.name] = SiteMode(ci + (1 - ci) * u, dm, None)
+        elif variant == "unmasked":
+            modes[s.name] = SiteMode(jnp.ones_like(ci), None, None)
+        elif variant == "rounded":
+            modes[s.name] = SiteMode((ci > 0.5).astype(ci.dtype), None, None)
+        elif variant == "zero":
+            modes[s.name] = SiteMode(jnp.zeros_like(ci), None, None)
+        else:
+            raise ValueError(f"unknown eval variant {variant!r}")
+    return modes
+
+
+def next_token_ce(logits, tokens):
+    """Mean next-token cross-entropy of logits [B, T, V] on tokens [B, T], in at least fp32."""
+    wd = jnp.promote_types(logits.dtype, jnp.float32)
+    lp = jax.nn.log_softmax(logits[:, :-1].astype(wd), -1)
+    nll = -jnp.take_along_axis(lp, tokens[:, 1:, None].astype(jnp.int32), -1)[..., 0]
+    return nll.mean()
+
+
+def l0(ci_lower):
+    """Mean over positions of the number of components with ci_lower > 0."""
+    wd = jnp.promote_types(ci_lower.dtype, jnp.float32)
+    return (ci_lower > 0).astype(wd).sum(-1).mean()
+
+
+def _eval_body(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, batch, draws: dict) -> dict:
+    params = jax.lax.stop_gradient(params)
+    clean, ci_lower = eval_ci(run, model, frozen, params, batch)
+    out = {f"eval/l0/{n}": l0(c) for n, c in ci_lower.items()}
+    llama = run.cfg.target.kind == "llama"
+    if llama:
+        out["eval/ce/target"] = next_token_ce(clean, batch)
+    for v in EVAL_VARIANTS:
+        pred = model.masked_forward(frozen, params, batch, eval_modes(run, v, ci_lower, draws))
+        if llama:
+            out[f"eval/kl/{v}"] = output_divergence("kl", pred, clean)
+            out[f"eval/ce/{v}"] = next_token_ce(pred, batch)
+        else:
+            out[f"eval/mse/{v}"] = output_divergence("mse", pred, clean)
+    return out
+
+
+# jitted bodies per (run, model): ResolvedRun holds lists (unhashable), so it cannot be a
+# static argument; the cache keeps the objects alive so their ids stay unique.
+_JIT: dict[tuple[int, int], tuple] = {}
+
+
+def _jitted(run: ResolvedRun, model: DecomposedModel, what: str):
+    key = (id(run), id(model))
+    if key not in _JIT:
+        body = partial(_eval_body, run, model)
+
+        def with_key(frozen, params, batch, key, dtype):
+            plan = eval_draw_plan(run, batch.shape if run.cfg.target.kind == "llama" else batch.shape[:-1])
+            return body(frozen, params, batch, sample_eval_draws(plan, key, dtype))
+
+        _JIT[key] = (run, model, {"draws": jax.jit(body), "key": jax.jit(with_key, static_argnames="dtype")})
+    return _JIT[key][2][what]
+
+
+def eval_metrics(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, batch, draws: dict) -> dict:
+    """All eval metrics of one batch (device scalars; see the module docstring). Jitted."""
+    return _jitted(run, model, "draws")(frozen, params, batch, draws)
+
+
+def eval_metrics_with_key(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, batch, key, dtype) -> dict:
+    """Production: `eval_metrics` with the eval draws sampled inside the jitted function from `key`."""
+    return _jitted(run, model, "key")(frozen, params, batch, key, dtype=jnp.dtype(dtype))
+
+
+def evaluate(run: ResolvedRun, model: DecomposedModel, params: dict, step: int, dtype) -> dict[str, float]:
+    """The eval of the training loop at `step`: the mean of `eval_metrics` over
+    `cfg.eval.n_batches` eval batches (host floats)."""
+    cfg = run.cfg
+    n = cfg.eval.n_batches
+    acc: dict[str, float] = {}
+    for j in range(n):
+        b = batch_for_step(run, cfg.seed, step * n + j, batch=cfg.eval.batch_size, split="eval")
+        m = eval_metrics_with_key(run, model, model.frozen, params, to_jax_batch(b, dtype), eval_key(cfg.seed, step, j), dtype)
+        for k, v in jax.device_get(m).items():
+            acc[k] = acc.get(k, 0.0) + float(v)
+    return {k: v / n for k, v in acc.items()}

@@ -1,0 +1,257 @@
+"""Checkpoints of the torch oracle (the JAX mirror is jax_impl/checkpoint.py).
+
+Layout: `out_dir/checkpoints/step_{step:08d}/` holds
+- `state.safetensors`: every trainable tensor by its flat name (`components.*`, `ci_fn.*`,
+  contract/init.py), the AdamW state per group `g` in {components, ci_fn}:
+  `opt.{g}.exp_avg.{param}`, `opt.{g}.exp_avg_sq.{param}` and the group's step counter
+  `opt.{g}.step` (torch keeps one per param; all params of a group step together), and
+  the training counter `step` (int64). Names follow contract/layout.py.
+- `meta.json`: step, the resolved config (`run.cfg.to_dict()`) and its hash, dtype, the
+  sha256 of the target weights, library versions, date, and `extra` (training-state
+  notes such as the faithfulness-warmup losses).
+
+A save is atomic: everything is written into a hidden temp dir beside the final one,
+fsynced, then renamed into place; a crash mid-save leaves the previous checkpoints intact
+and no half-written `step_*` dir. Only the last `keep` checkpoints are kept.
+Resuming under a different config (or dtype, or target weights) is refused with a diff.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import safetensors.torch as st
+import torch
+
+from contract.config import ConfigError, config_diff
+from contract.init import init_state
+from contract.resolve import ResolvedRun
+from contract.targets import resolve_path
+from oracle_torch.train import TrainState, make_state
+
+CKPT_SUBDIR = "checkpoints"
+FORMAT = "vpd-torch-oracle-checkpoint/1"
+STATE_FILE = "state.safetensors"
+META_FILE = "meta.json"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+GROUPS = ("components", "ci_fn")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.float64: "float64"}.get(dtype, str(dtype))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def target_sha256(run: ResolvedRun) -> str:
+    return _file_sha256(resolve_path(run.cfg.target.weights))
+
+
+def _optimizer(state: TrainState, group: str) -> torch.optim.AdamW:
+    return state.opt_components if group == "components" else state.opt_ci_fn
+
+
+def state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
+    """The flat tensor dict of a TrainState (what `state.safetensors` holds)."""
+    out = {n: p.detach().clone().contiguous() for n, p in state.params.items()}
+    for g in GROUPS:
+        opt = _optimizer(state, g)
+        steps = set()
+        step_t = None
+        for n in state.group(g + "."):
+            st_ = opt.state.get(state.params[n])
+            if not st_:
+                continue  # never received a gradient: no AdamW state yet
+            out[f"opt.{g}.exp_avg.{n}"] = st_["exp_avg"].detach().clone().contiguous()
+            out[f"opt.{g}.exp_avg_sq.{n}"] = st_["exp_avg_sq"].detach().clone().contiguous()
+            steps.add(float(st_["step"]))
+            step_t = st_["step"]
+        if len(steps) > 1:
+            raise RuntimeError(f"AdamW state of group {g!r} has different step counters {sorted(steps)}")
+        if step_t is not None:
+            out[f"opt.{g}.step"] = torch.as_tensor(step_t).detach().clone().reshape(())
+    out["step"] = torch.tensor(state.step, dtype=torch.int64)
+    return out
+
+
+def _versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory and hasattr(os, "O_DIRECTORY") else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / CKPT_SUBDIR
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run dir, oldest first (temp / half dirs are ignored)."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file() and (p / META_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    cks = list_checkpoints(out_dir)
+    return cks[-1] if cks else None
+
+
+def _clean_stale(root: Path) -> None:
+    """Remove temp dirs of interrupted saves. An `.old-step_X-*` dir whose `step_X` is
+    missing (a crash between the two renames of a replacement) is put back first."""
+    for p in sorted(root.iterdir()):
+        if not p.is_dir():
+            continue
+        if p.name.startswith(".old-"):
+            final = root / p.name[len(".old-"):].rsplit("-", 1)[0]
+            if _STEP_RE.match(final.name) and not final.exists():
+                os.replace(p, final)
+                continue
+        if p.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(out_dir: str | Path, state: TrainState, run: ResolvedRun, step: int, keep: int,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write `out_dir/checkpoints/step_{step:08d}/` atomically; keep the last `keep`."""
+    if state.step != step:
+        raise ValueError(f"save_checkpoint: state is at step {state.step}, asked to save it as step {step}")
+    if keep < 1:
+        raise ValueError("save_checkpoint: keep must be >= 1")
+    root = checkpoint_root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale(root)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    dtype = dtype or next(iter(state.params.values())).dtype
+    cfg = run.cfg.to_dict()
+    meta = {
+        "format": FORMAT,
+        "backend": "torch_oracle",
+        "step": step,
+        "config": cfg,
+        "config_hash": run.cfg.hash(),
+        "dtype": _dtype_name(dtype),
+        "target_sha256": target_sha256(run),
+        "param_order": list(state.params),
+        "versions": _versions(),
+        "platform": platform.platform(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "extra": state.extra,
+    }
+    try:
+        tmp.mkdir()
+        st.save_file(state_tensors(state), str(tmp / STATE_FILE),
+                     metadata={"format": FORMAT, "step": str(step), "config_hash": meta["config_hash"]})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        for f in (STATE_FILE, META_FILE):
+            _fsync_path(tmp / f)
+        _fsync_path(tmp, directory=True)
+        if final.exists():  # same step written again (e.g. a fresh run over an old dir)
+            old = root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_path(root, directory=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for p in list_checkpoints(out_dir)[:-keep]:
+        if p != final:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    m = path / META_FILE
+    if not m.is_file():
+        raise FileNotFoundError(f"checkpoint {path}: {META_FILE} not found (not a checkpoint directory?)")
+    return json.loads(m.read_text())
+
+
+def check_compatible(meta: dict, run: ResolvedRun, dtype: torch.dtype, path: Path) -> None:
+    """Refuse a resume under another config, dtype or target (ConfigError with a diff)."""
+    diff = config_diff(meta["config"], run.cfg.to_dict())
+    if diff:
+        raise ConfigError(f"cannot resume from {path}: it was written under a different config "
+                          f"(checkpoint -> this run):\n" + "\n".join(diff) +
+                          "\nuse the checkpoint's config, or start afresh (--no-resume / another --out)")
+    if meta.get("dtype") != _dtype_name(dtype):
+        raise ConfigError(f"cannot resume from {path}: it holds a {meta.get('dtype')} state, this run is {_dtype_name(dtype)}")
+    sha = target_sha256(run)
+    if meta.get("target_sha256") not in (None, sha):
+        raise ConfigError(f"cannot resume from {path}: the target weights {run.cfg.target.weights} changed since it was written "
+                          f"(sha256 {meta['target_sha256'][:12]}… -> {sha[:12]}…)")
+
+
+def load_checkpoint(path: str | Path, run: ResolvedRun, dtype: torch.dtype) -> TrainState:
+    """Restore params, both AdamW states (moments and step counters) and state.step exactly."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    check_compatible(meta, run, dtype, path)
+    tensors = st.load_file(str(path / STATE_FILE))
+    expected = init_state(run)  # canonical names, order and shapes
+    names = list(expected)
+    have = {n for n in tensors if not n.startswith("opt.") and n != "step"}
+    missing, unexpected = sorted(set(names) - have), sorted(have - set(names))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path}: parameters do not match the run: missing {missing}, unexpected {unexpected}")
+    bad = [f"{n}: {tuple(tensors[n].shape)} vs {expected[n].shape}" for n in names if tuple(tensors[n].shape) != expected[n].shape]
+    if bad:
+        raise ValueError(f"checkpoint {path}: parameter shapes differ from the run: " + "; ".join(bad))
+    for n in names:
+        if tensors[n].dtype != dtype:
+            raise ValueError(f"checkpoint {path}: {n} is {tensors[n].dtype}, expected {dtype}")
+    state = make_state(run, {n: tensors[n].numpy() for n in names}, dtype)
+    for g in GROUPS:
+        opt = _optimizer(state, g)
+        sd = opt.state_dict()
+        group_names = state.group(g + ".")
+        assert len(sd["param_groups"]) == 1 and len(sd["param_groups"][0]["params"]) == len(group_names)
+        new_state = {}
+        for i, n in enumerate(group_names):
+            k1, k2 = f"opt.{g}.exp_avg.{n}", f"opt.{g}.exp_avg_sq.{n}"
+            if k1 not in tensors:
+                continue
+            new_state[i] = {"step": tensors[f"opt.{g}.step"].clone(), "exp_avg": tensors[k1].clone(),
+                            "exp_avg_sq": tensors[k2].clone()}
+        sd["state"] = new_state
+        opt.load_state_dict(sd)
+    state.step = int(tensors["step"])
+    if state.step != meta["step"]:
+        raise ValueError(f"checkpoint {path}: meta.json says step {meta['step']}, the state holds {state.step}")
+    state.extra = dict(meta.get("extra") or {})
+    return state
