@@ -8,7 +8,8 @@ on commit, so a checkpoint is either complete or absent. Each checkpoint holds t
 - `state`: the whole training-state pytree — params, both optax AdamW states (injected
   hyper-parameters, counts, moments) and `step` — restored against an abstract tree built
   from the run (`abstract_state`), so dtypes and structure come back exactly;
-- `meta`: JSON with the step, the resolved config (`cfg.to_dict()`) and its hash, the dtype,
+- `meta` (also copied to a plain `meta.json` in the step dir, written atomically after the
+  commit, for tools that do not use orbax): JSON with the step, the resolved config (`cfg.to_dict()`) and its hash, the dtype,
   the sha256 of the target weights, library versions, date and `extra` (training notes such
   as the faithfulness-warmup losses).
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
+import os
 import platform
 import re
 import shutil
@@ -37,6 +40,7 @@ CKPT_SUBDIR = "checkpoints"
 FORMAT = "vpd-jax-checkpoint/1"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 ITEMS = ("state", "meta")
+META_FILE = "meta.json"
 
 
 def _dtype_name(dtype) -> str:
@@ -73,8 +77,10 @@ def checkpoint_root(out_dir: str | Path) -> Path:
 
 
 def make_manager(out_dir: str | Path, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
-    """The orbax manager of `out_dir/checkpoints` (synchronous, atomic, `step_XXXXXXXX` dirs)."""
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+    """The orbax manager of `out_dir/checkpoints` (synchronous, atomic, `step_XXXXXXXX` dirs).
+    `read_only` managers are only used to list and restore (orbax's own read_only mode is
+    not used: it only adds log noise)."""
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                         step_prefix="step", step_format_fixed_length=8,
                                         enable_async_checkpointing=False)
     return ocp.CheckpointManager(checkpoint_root(out_dir).resolve(), options=opts, item_names=ITEMS)
@@ -145,7 +151,20 @@ def save_checkpoint(out_dir: str | Path, state: dict, run: ResolvedRun, step: in
     finally:
         if manager is None:
             mngr.close()
-    return _step_path(out_dir, step)
+    path = _step_path(out_dir, step)
+    _write_json_atomic(path / META_FILE, meta)
+    return path
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    """A plain `meta.json` copy of the meta item beside orbax's items, for tools that read a
+    checkpoint without orbax (parity/tms_recovery, humans). Written via temp file + rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_meta(path: str | Path) -> dict:

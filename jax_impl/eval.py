@@ -62,7 +62,7 @@ def sample_eval_draws(plan: list[DrawSpec], key, dtype) -> dict:
 def to_jax_batch(b: np.ndarray, dtype):
     """numpy batch -> JAX: token ids stay integer (int32 unless x64), toy features take the working dtype."""
     if b.dtype.kind in "iu":
-        return jnp.asarray(b)
+        return jnp.asarray(b if jax.config.jax_enable_x64 else b.astype(np.int32))
     return jnp.asarray(b, dtype)
 
 
@@ -159,15 +159,21 @@ def eval_metrics_with_key(run: ResolvedRun, model: DecomposedModel, frozen, para
     return _jitted(run, model, "key")(frozen, params, batch, key, dtype=jnp.dtype(dtype))
 
 
-def evaluate(run: ResolvedRun, model: DecomposedModel, params: dict, step: int, dtype) -> dict[str, float]:
-    """The eval of the training loop at `step`: the mean of `eval_metrics` over
-    `cfg.eval.n_batches` eval batches (host floats)."""
+def evaluate_device(run: ResolvedRun, model: DecomposedModel, params: dict, step: int, dtype) -> dict:
+    """`evaluate` without the host sync: the metrics stay device scalars (the training loop
+    pulls them at its log cadence)."""
     cfg = run.cfg
     n = cfg.eval.n_batches
-    acc: dict[str, float] = {}
+    acc: dict = {}
     for j in range(n):
         b = batch_for_step(run, cfg.seed, step * n + j, batch=cfg.eval.batch_size, split="eval")
         m = eval_metrics_with_key(run, model, model.frozen, params, to_jax_batch(b, dtype), eval_key(cfg.seed, step, j), dtype)
-        for k, v in jax.device_get(m).items():
-            acc[k] = acc.get(k, 0.0) + float(v)
-    return {k: v / n for k, v in acc.items()}
+        acc = m if j == 0 else {k: acc[k] + v for k, v in m.items()}
+    return acc if n == 1 else {k: v / n for k, v in acc.items()}
+
+
+def evaluate(run: ResolvedRun, model: DecomposedModel, params: dict, step: int, dtype) -> dict[str, float]:
+    """The eval of the training loop at `step`: the mean of `eval_metrics` over
+    `cfg.eval.n_batches` eval batches (batch j is eval-stream step `step * n_batches + j`,
+    draws keyed by `eval_key(seed, step, j)`). Host floats."""
+    return {k: float(v) for k, v in jax.device_get(evaluate_device(run, model, params, step, dtype)).items()}

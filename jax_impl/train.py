@@ -219,3 +219,243 @@ class Stepper:
 
     def step_with_key(self, state, batch, step: int):
         return self._key(state, self.model.frozen, batch, jax.random.PRNGKey(self.run.cfg.seed), self.hp(step))
+
+
+# ---------------------------------------------------------------- the training loop
+# Mirror of the oracle's loop (oracle_torch/train.py::train): same metrics.jsonl lines, same
+# eval / checkpoint cadence, same resume and signal rules. Differences are JAX-specific: the
+# step is jitted and asynchronous, so metrics stay device arrays and are pulled on the host
+# only at the log cadence (one log interval late, so the device never waits for the host).
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str):
+        return dtype
+    return str(jnp.dtype(dtype))
+
+
+def _with_dtype(run: ResolvedRun, name: str) -> ResolvedRun:
+    """`run` with runtime.dtype set to `name`, so the override is recorded in the config."""
+    from contract.config import parse_config
+    from contract.resolve import resolve_run
+
+    if run.cfg.runtime.dtype == name:
+        return run
+    d = run.cfg.to_dict()
+    d["runtime"]["dtype"] = name
+    return resolve_run(parse_config(d, "dtype override"))
+
+
+def _read_metric_lines(path, before_step: int) -> list[str]:
+    """The lines of metrics.jsonl with step < before_step (a torn last line is dropped)."""
+    import json
+
+    keep = []
+    if not path.is_file():
+        return keep
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] < before_step:
+            keep.append(line)
+    return keep
+
+
+def _rewrite_metrics(path, lines: list[str]) -> None:
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _host_line(line: dict) -> dict:
+    """Pull one metrics line to the host: every value a Python float (JSON-ready)."""
+    dev = {k: v for k, v in line.items() if not isinstance(v, (int, float))}
+    got = jax.device_get(dev)
+    return {k: (float(got[k]) if k in got else v) for k, v in line.items()}
+
+
+def _wandb_start(run: ResolvedRun, out, start: int):
+    import os
+
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE", "offline")
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "vpd"), dir=str(out), mode=mode,
+                      config=run.cfg.to_dict(), id=f"vpd-jax-{run.cfg.hash()}", resume="allow",
+                      name=f"{out.name}", reinit=True)
+
+
+def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: bool = True,
+          use_wandb: bool = False) -> dict:
+    """Train `run` into `out_dir` (metrics.jsonl, checkpoints/). Returns a summary.
+
+    - Resumes from the latest checkpoint of `out_dir` (refused under another config, dtype or
+      target); `resume=False` starts afresh, clearing the old checkpoints and metrics.
+    - The faithfulness warmup runs only for a fresh start (S44).
+    - Line `{"step": k, ...}` of metrics.jsonl holds the metrics of training step k (params
+      before its update; every `log_every` steps and the last step) and the eval of the
+      params before step k (every `eval.every` steps); a final line `{"step": steps, eval}`
+      evaluates the trained params. On resume from a checkpoint at step k (k steps done)
+      lines with step >= k are dropped first, so the file matches an uninterrupted run.
+    - Production draws: `fold_in(PRNGKey(seed), step)` (training), `eval_key(seed, step, j)`
+      (eval); batches `contract.data.batch_for_step` — all pure functions of (seed, step), so a
+      resumed run reproduces the uninterrupted one bit for bit.
+    - Checkpoints every `checkpoint.every` steps and at the end. SIGINT/SIGTERM stop the run
+      between two steps and save a checkpoint at the current step (a second signal aborts at
+      once without saving: the last good checkpoint stands).
+    - `use_wandb`: also log every line to Weights & Biases (mode from WANDB_MODE, default offline).
+    """
+    import json
+    import os
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from contract.data import batch_for_step
+    from jax_impl.checkpoint import (checkpoint_root, clear_checkpoints, latest_checkpoint, load_checkpoint,
+                                     make_manager, read_meta, save_checkpoint)
+    from jax_impl.eval import evaluate_device, to_jax_batch
+
+    if dtype is not None:
+        name = _dtype_name(dtype)
+        jax_dtype(name)
+        run = _with_dtype(run, name)
+    cfg = run.cfg
+    dt = jax_dtype(cfg.runtime.dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+
+    ckpt = latest_checkpoint(out) if resume else None
+    if not resume:
+        clear_checkpoints(out)
+    model = DecomposedModel(run, dt)
+    extra: dict = {}
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, run, dt)
+        extra = dict(read_meta(ckpt).get("extra") or {})
+    else:
+        state = make_state(run, None, dt)
+    start = int(state["step"])
+    _rewrite_metrics(metrics_path, _read_metric_lines(metrics_path, start))
+    if ckpt is None:
+        params, warm = faithfulness_warmup(run, model, state["params"])
+        state["params"] = params
+        if warm:
+            extra["faithfulness_warmup"] = {"steps": len(warm), "first": warm[0], "last": warm[-1]}
+    stepper = Stepper(run, model, dt)
+    mngr = make_manager(out, cfg.checkpoint.keep)
+    wb = _wandb_start(run, out, start) if use_wandb else None
+    saved_at = start if ckpt is not None else None
+    ck_every, ev_every = cfg.checkpoint.every, cfg.eval.every
+
+    stop = {"signum": None}
+    old_handlers = {}
+
+    def _on_signal(signum, frame):
+        if stop["signum"] is not None:  # second signal: abort now, no save
+            raise KeyboardInterrupt
+        stop["signum"] = signum
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[sig] = signal.signal(sig, _on_signal)
+
+    pending: list[tuple[int, dict]] = []  # metrics lines still on the device
+    last = {"train": {}, "eval": {}}
+
+    def _flush(mf, upto: int | None = None) -> None:
+        """Write the pending lines with step < upto (all when None) to metrics.jsonl."""
+        nonlocal pending
+        ready = [p for p in pending if upto is None or p[0] < upto]
+        pending = [p for p in pending if not (upto is None or p[0] < upto)]
+        for k, line in ready:
+            host = _host_line(line)
+            mf.write(json.dumps({"step": k, **host}) + "\n")
+            if wb is not None:
+                wb.log(host, step=k)
+            tr = {n: v for n, v in host.items() if not n.startswith(("eval/", "warmup/"))}
+            if tr:
+                last["train"] = tr
+                pbar.set_postfix(loss=f"{tr['loss/total']:.4g}", refresh=False)
+            ev = {n: v for n, v in host.items() if n.startswith("eval/")}
+            if ev:
+                last["eval"] = ev
+        if ready:
+            mf.flush()
+
+    def _save(step: int) -> Path:
+        _flush(mf)
+        mf.flush()
+        os.fsync(mf.fileno())
+        return save_checkpoint(out, state, run, step, cfg.checkpoint.keep, dt, extra, manager=mngr)
+
+    last_ckpt = ckpt
+    interrupted = False
+    t0 = time.perf_counter()
+    pbar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="vpd-jax", dynamic_ncols=True)
+    k = start
+    try:
+        with open(metrics_path, "a") as mf:
+            while k < cfg.steps:
+                if stop["signum"] is not None:
+                    break
+                line: dict = {}
+                if ev_every and k % ev_every == 0:
+                    line |= evaluate_device(run, model, state["params"], k, dt)
+                batch = to_jax_batch(batch_for_step(run, cfg.seed, k), dt)
+                state, m = stepper.step_with_key(state, batch, k)
+                log_now = k % cfg.log_every == 0 or k == cfg.steps - 1
+                if log_now:
+                    line |= m
+                    # schedule values: the exact host numbers (as the oracle logs them)
+                    line |= {f"sched/{n}": v for n, v in hparams(cfg, k).items()}
+                if k == 0 and "faithfulness_warmup" in extra:
+                    fw = extra["faithfulness_warmup"]
+                    line |= {"warmup/faithfulness_first": fw["first"], "warmup/faithfulness_last": fw["last"]}
+                if log_now:  # pull the previous interval's lines (long done) before queueing this one
+                    _flush(mf, upto=k)
+                if line:
+                    pending.append((k, line))
+                k += 1
+                pbar.update(1)
+                if ck_every and k % ck_every == 0 and k < cfg.steps:
+                    last_ckpt, saved_at = _save(k), k
+            interrupted = stop["signum"] is not None
+            if not interrupted and ev_every:
+                pending.append((cfg.steps, evaluate_device(run, model, state["params"], cfg.steps, dt)))
+            _flush(mf)
+            if saved_at != k:
+                last_ckpt, saved_at = _save(k), k
+    finally:
+        pbar.close()
+        mngr.close()
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+        if wb is not None:
+            wb.finish()
+    return {
+        "backend": "jax",
+        "start_step": start,
+        "step": k,
+        "steps": cfg.steps,
+        "interrupted": interrupted,
+        "signal": None if stop["signum"] is None else signal.Signals(stop["signum"]).name,
+        "final_metrics": last["train"],
+        "final_eval": last["eval"],
+        "metrics_path": str(metrics_path),
+        "checkpoint_dir": str(checkpoint_root(out)),
+        "last_checkpoint": None if last_ckpt is None else str(last_ckpt),
+        "config_hash": cfg.hash(),
+        "seconds": time.perf_counter() - t0,
+    }

@@ -187,8 +187,9 @@ def load_target(weights_path: str | Path, dtype: torch.dtype = torch.float32) ->
            for k, v in expected.items() if tuple(tensors[k].shape) != tuple(v.shape)]
     if bad:
         raise ValueError(f"target.weights: {path} has tensors of the wrong shape: " + "; ".join(bad))
-    model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()}, strict=True)
+    # cast the module first, then load: a float64 file must not pass through float32
     model = model.to(dtype)
+    model.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, strict=True)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

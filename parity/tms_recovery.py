@@ -136,7 +136,31 @@ def torch_backend(checkpoint: str | Path):
     return run, ci_of_inputs
 
 
-BACKENDS: dict[str, Callable] = {"torch": torch_backend}
+def jax_backend(checkpoint: str | Path):
+    """-> (run, ci_of_inputs) from a JAX-trainer checkpoint dir (orbax state + meta.json)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_impl.checkpoint import load_run_checkpoint
+
+    if json.loads((Path(checkpoint) / "meta.json").read_text()).get("dtype") == "float64":
+        jax.config.update("jax_enable_x64", True)  # before any JAX array is made
+    from jax_impl.components import DecomposedModel
+    from jax_impl.eval import eval_ci
+
+    state, meta, run = load_run_checkpoint(checkpoint)
+    dt = jnp.dtype(meta["dtype"])
+    model = DecomposedModel(run, dt)
+    params = state["params"]
+
+    def ci_of_inputs(x: np.ndarray) -> dict:
+        _, ci = eval_ci(run, model, model.frozen, params, jnp.asarray(x, dt))
+        return {k: np.asarray(v).astype(np.float64) for k, v in ci.items()}
+
+    return run, ci_of_inputs
+
+
+BACKENDS: dict[str, Callable] = {"torch": torch_backend, "jax": jax_backend}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,11 +22,12 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     ("float64", "trajectory"): Tol(1e-8, 1e-12, 0.0,
         "50 optimizer steps amplify 1e-16 reassociation noise (Adam divides by sqrt(v)); 1e-8 leaves "
         "orders of magnitude of margin yet catches any algorithmic difference"),
-    ("float32", "term"): Tol(1e-5, 1e-6, 0.0,
-        "single precision (eps 1.2e-7) through a few hundred reductions"),
+    ("float32", "term"): Tol(3e-5, 1e-6, 0.0,
+        "single precision (eps 1.2e-7): gradient norms of CI weights sum over 1000-wide inputs "
+        "and every position (observed up to 7e-6 on traj_resid.32)"),
     ("float32", "grad"): Tol(1e-4, 0.0, 0.0,
         "single-precision backward through masked forwards; relative to the leaf's gradient norm"),
-    ("float32", "trajectory"): Tol(2e-4, 1e-5, 0.1,
+    ("float32", "trajectory"): Tol(5e-4, 1e-5, 0.1,
         "single-precision noise is amplified by Adam's normalisation each step, so the budget grows "
         "linearly with the step: rel * (1 + 0.1 * step)"),
 }

@@ -1,11 +1,9 @@
 """The shipped targets on the torch side (oracle_torch/targets.py, contract/weights/)."""
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,3 +207,14 @@ def test_strict_loading_names_file_and_keys(tmp_path):
 def test_build_target_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
         build_target("gpt", {})
+
+
+def test_llama_is_causal():
+    model = load_target(_path("tiny_llama"), torch.float64)
+    ids = _input("llama", None, None, batch=2, seq=40)
+    ids2 = ids.clone()
+    ids2[:, 25:] = (ids2[:, 25:] + 17) % 256
+    with torch.no_grad():
+        a, b = target_forward(model, "llama", ids), target_forward(model, "llama", ids2)
+    assert torch.equal(a[:, :25], b[:, :25])
+    assert not torch.allclose(a[:, 25:], b[:, 25:])
