@@ -28,8 +28,8 @@ def _golden(name: str):
 
 
 def _check(rep, record_property, extra=""):
-    for what, (e, a, where) in rep.worst.items():
-        record_property("margins", f"{rep.label:55s} {what:12s} {e:9.2e} / {a:7.1e}  ({where})")
+    cells = [f"{what} {e:.1e}/{a:.0e}" for what, (e, a, _) in rep.worst.items()]
+    record_property("margins", f"{rep.label:40s} " + "  ".join(cells))
     assert rep.ok, rep.message(extra)
 
 
