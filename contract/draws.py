@@ -7,7 +7,10 @@ fixed rules that both backends implement identically (S50-S53):
   `k = min(1 + floor(route_k * n), n)`; site i routes iff
   `#{j : route_order[j] < route_order[i]} < k` (i.e. the k smallest uniforms).
 Names: `t{term}.e{entry}.d{draw}.{site}.source`, `....{site}.delta`,
-`t{term}.e{entry}.d{draw}.route_k`, `....route_order`, `binomial.{site}`.
+`t{term}.e{entry}.d{draw}.route_k`, `....route_order`, `binomial.{site}`, and for fresh
+PGD with init 'random' `t{term}.e{entry}.d0.{site}.pgd_init` (scope shape, S81). The
+persistent-PGD source init (U[0,1), at start) is part of the initial state
+(contract/init.py: `sources.<bundle>.<site>`).
 
 Production: each backend samples the plan itself inside the step. Parity: the harness
 samples it once with `sample_numpy` keyed by (seed, step, name) and feeds both.
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from contract.adversary import n_channels, source_shape
 from contract.resolve import ResolvedRun
 
 
@@ -48,6 +52,11 @@ def draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...] | None = None) -> l
                         plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.source"), bs + (C,)))
                         if cfg.use_delta_component:
                             plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.delta"), bs))
+                if t.source == "fresh_pgd" and cfg.loss_terms[t.index].init == "random":
+                    tc = cfg.loss_terms[t.index]
+                    for name in e.live:
+                        shape = source_shape(bs, tc.scope, n_channels(cfg, run.site(name).C))
+                        plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.pgd_init"), shape))
                 if e.routing == "uniform_k":
                     plan.append(DrawSpec(draw_name(t.index, ei, d, "route_k"), bs))
                     plan.append(DrawSpec(draw_name(t.index, ei, d, "route_order"), bs + (len(e.live),)))

@@ -6,11 +6,13 @@ identical across frameworks by construction (S3). Names:
   ci_fn.{site}.w{i} / .b{i}         per-site types (mlp, vector_mlp: leading [C, ...])
   ci_fn.global.w{i} / .b{i}         global_shared_mlp
   ci_fn.global.{in_proj,out_proj}.{w,b}, ci_fn.global.blocks.{j}.{q,k,v,o,mlp_w1,mlp_b1,mlp_w2,mlp_b2}
+  sources.{bundle}.{site}           persistent-PGD sources (not trained by AdamW)
 """
 from __future__ import annotations
 
 import numpy as np
 
+from contract.adversary import n_channels, source_shape
 from contract.resolve import ResolvedRun
 
 INIT_STREAM = 0x1417
@@ -77,7 +79,20 @@ def init_ci_fn(run: ResolvedRun, g: np.random.Generator) -> dict:
     return out
 
 
+def init_sources(run: ResolvedRun, g: np.random.Generator) -> dict:
+    """Persistent-PGD sources, U[0,1) (S82): `sources.<bundle>.<site>` [scope shape, C(+1)]."""
+    out = {}
+    for t in run.recon_terms:
+        if t.source != "persistent_pgd":
+            continue
+        tc = run.cfg.loss_terms[t.index]
+        for s in run.sites:
+            shape = source_shape(run.batch_shape, tc.scope, n_channels(run.cfg, s.C), tc.n_sources)
+            out[f"sources.{t.bundle}.{s.name}"] = g.random(shape)
+    return out
+
+
 def init_state(run: ResolvedRun, seed: int | None = None) -> dict[str, np.ndarray]:
     seed = run.cfg.seed if seed is None else seed
     g = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, INIT_STREAM])))
-    return init_components(run, g) | init_ci_fn(run, g)
+    return init_components(run, g) | init_ci_fn(run, g) | init_sources(run, g)

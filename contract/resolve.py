@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+from contract.adversary import bundle_of, check_adversaries
 from contract.config import RECON_TERMS, ConfigError, RunConfig
 from contract.targets import ModuleInfo, load_target_meta, module_table
 
@@ -34,6 +35,7 @@ class ReconTerm:
     plan: str
     source: str
     entries: tuple[PlanEntry, ...]
+    bundle: str | None = None  # persistent PGD: the term's source bundle (S85)
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,6 @@ class ResolvedRun:
         return next(s for s in self.sites if s.name == name)
 
 
-# Backends refuse these until they implement them (issue 6 brings PGD; bf16 lands with
-# the JAX trainer and is never supported by the oracle). Spec S30.
-UNSUPPORTED_SOURCES = {"fresh_pgd": "fresh PGD", "persistent_pgd": "persistent PGD"}
 
 
 def expand_sites(cfg: RunConfig, modules: list[ModuleInfo]) -> tuple[Site, ...]:
@@ -125,13 +124,13 @@ def resolve_run(cfg: RunConfig, backend: str = "any") -> ResolvedRun:
         if t.type not in RECON_TERMS:
             continue
         plan, source = RECON_TERMS[t.type]
-        if source in UNSUPPORTED_SOURCES:
-            raise ConfigError(f"loss_terms.{i}.type: {t.type!r} ({UNSUPPORTED_SOURCES[source]}) is not implemented by either backend yet")
         if plan == "chunks" and t.sites_per_chunk > len(sites):
             raise ConfigError(f"loss_terms.{i}.sites_per_chunk: {t.sites_per_chunk} is larger than the number of sites ({len(sites)})")
         n_draws = cfg.n_mask_samples if source == "stochastic" else 1
         entries = build_entries(plan, names, n_draws, getattr(t, "sites_per_chunk", None))
-        recon.append(ReconTerm(i, t.type, plan, source, entries))
+        recon.append(ReconTerm(i, t.type, plan, source, entries,
+                               bundle_of(i, t) if source == "persistent_pgd" else None))
+    check_adversaries(cfg)
     for ty in ("faithfulness", "importance_minimality"):
         if n_terms_of_type.get(ty, 0) > 1:
             raise ConfigError(f"loss_terms: {ty!r} appears {n_terms_of_type[ty]} times; it may appear once")

@@ -15,6 +15,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
+# Both backends' llama forwards accept input embeddings [B, T, d] in place of token ids;
+# those bypass `model.embed_tokens`, so that module cannot be a decomposed site then.
+EMBEDS_VS_EMBED_SITE = ("input embeddings bypass model.embed_tokens, so it cannot be a decomposed site: "
+                        "remove it from `sites` or pass token ids")
+
+
 @dataclass(frozen=True)
 class ModuleInfo:
     name: str  # module path in the target, e.g. "model.layers.0.mlp.up_proj"

@@ -65,6 +65,7 @@ class DecomposedModel:
                 return y
             # S6: routed-out positions take the frozen output itself
             return jnp.where(m.route[..., None], y, frozen_site(frozen, info, x))
+        site.decomposed = frozenset(self.sites)  # lets the target refuse input embeddings with an embedding site
         return site
 
     def clean_forward(self, frozen, batch):

@@ -32,7 +32,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from contract.layout import file_to_jax, tensor_kind
-from contract.targets import ModuleInfo, load_target_meta, module_table, resolve_path
+from contract.targets import EMBEDS_VS_EMBED_SITE, ModuleInfo, load_target_meta, module_table, resolve_path
 
 SiteFn = Callable[[str, jnp.ndarray], jnp.ndarray]
 
@@ -195,9 +195,17 @@ def llama_forward(cfg: dict, frozen: dict[str, jnp.ndarray], ids: jnp.ndarray, s
     rep = nh // nkv
     eps = float(cfg["rms_norm_eps"])
     theta = rope_theta(cfg)
-    B, T = ids.shape
-
-    h = site("model.embed_tokens", ids)  # [B, T, d]
+    if jnp.issubdtype(ids.dtype, jnp.floating):
+        # input embeddings [B, T, d]: the model.embed_tokens module is bypassed
+        if "model.embed_tokens" in getattr(site, "decomposed", ()):
+            raise ValueError(EMBEDS_VS_EMBED_SITE)
+        if ids.dtype != frozen["model.norm.weight"].dtype:
+            raise TypeError(f"llama input embeddings are {ids.dtype}, the model is {frozen['model.norm.weight'].dtype}")
+        B, T = ids.shape[:2]
+        h = ids
+    else:
+        B, T = ids.shape
+        h = site("model.embed_tokens", ids)  # [B, T, d]
     dt = h.dtype
     cos, sin = rope_tables(T, hd, theta, dt)
     scale = jnp.asarray(hd ** -0.5, dt)
@@ -241,7 +249,9 @@ def target_forward(
 ) -> jnp.ndarray:
     """Run a target. Every module of ``module_table(kind, cfg)`` goes through ``site`` once, in order.
 
-    TMS / ResidMLP: inputs [..., n_features] → [..., n_features]; Llama: token ids [B, T] → logits [B, T, V].
+    TMS / ResidMLP: inputs [..., n_features] → [..., n_features]; Llama: token ids [B, T] → logits [B, T, V],
+    or input embeddings [B, T, d] (floating) → logits: those skip ``model.embed_tokens``, which must then
+    not be a decomposed site (the trainer's ``site`` lists its sites in ``site.decomposed``).
     """
     if site is None:
         site = default_site(kind, cfg, frozen)

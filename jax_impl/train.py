@@ -18,6 +18,8 @@ from contract.draws import DrawSpec, draw_plan
 from contract.init import init_state
 from contract.resolve import ResolvedRun
 from contract.schedules import imp_min_p, schedule_value
+from contract.adversary import bundle_of
+from jax_impl.adversary import adam_ascent, fresh_pgd_term, init_source_opt, persistent_pgd_term, persistent_warmup
 from jax_impl.ci_fn import ci_logits
 from jax_impl.components import DecomposedModel, inner_act
 from jax_impl.losses import faithfulness, importance_minimality
@@ -53,20 +55,26 @@ def split_groups(params: dict) -> tuple[dict, dict]:
 
 def make_state(run: ResolvedRun, arrays: dict[str, np.ndarray] | None, dtype) -> dict:
     arrays = init_state(run) if arrays is None else arrays
-    params = {n: jnp.asarray(a, dtype=dtype) for n, a in arrays.items()}
+    params = {n: jnp.asarray(a, dtype=dtype) for n, a in arrays.items() if not n.startswith("sources.")}
     comp, ci = split_groups(params)
     o = run.cfg.optim
+    # persistent PGD (S82-S84): bundle -> {site: source}, bundle -> {"m", "v", "t"}
+    sources = {t.bundle: {s.name: jnp.asarray(arrays[f"sources.{t.bundle}.{s.name}"], dtype=dtype) for s in run.sites}
+               for t in run.recon_terms if t.source == "persistent_pgd"}
     return {"params": params, "opt_components": _adamw(o.components).init(comp),
-            "opt_ci_fn": _adamw(o.ci_fn).init(ci), "step": jnp.asarray(0, jnp.int32)}
+            "opt_ci_fn": _adamw(o.ci_fn).init(ci), "step": jnp.asarray(0, jnp.int32),
+            "sources": sources, "source_opt": {b: init_source_opt(v) for b, v in sources.items()}}
 
 
 def hparams(cfg: RunConfig, step: int) -> dict[str, float]:
     """Schedule values for `step`, computed on the host (S40, S41)."""
     hp = {"lr_components": schedule_value(cfg.optim.components.lr, step, cfg.steps),
           "lr_ci_fn": schedule_value(cfg.optim.ci_fn.lr, step, cfg.steps)}
-    for t in cfg.loss_terms:
+    for i, t in enumerate(cfg.loss_terms):
         if t.type == "importance_minimality":
             hp["imp_min_p"] = imp_min_p(t, step, cfg.steps)
+        if t.type.startswith("persistent_pgd"):  # S84: the source LR, once per training step
+            hp[f"lr_sources.{bundle_of(i, t)}"] = schedule_value(t.optimizer.lr, step, cfg.steps)
     return hp
 
 
@@ -111,19 +119,11 @@ def clip_grad_norm(grads: dict, max_norm: float | None):
 
 
 def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, batch, draws: dict, hp: dict,
-                  record: dict | None = None, pins: dict | None = None):
+                  record: dict | None = None, pins: dict | None = None, sources: dict | None = None):
     """Everything up to the total loss. `pins` (stage bundles) replace computed
     `ci_lower.<site>` / `ci_upper.<site>` and per-forward routes / masks with given values. Returns (total, ({term_key: value}, ci_lower))."""
     cfg = run.cfg
-    clean, site_inputs = model.clean_forward(frozen, batch)
-    inner = {}
-    if cfg.ci_fn.type == "mlp":
-        inner = {s.name: inner_act(s, site_inputs[s.name], params[f"components.{s.name}.V"]) for s in run.sites}
-    z = ci_logits(run, params, site_inputs, inner)
-    ci_lower, ci_upper = {}, {}
-    for s in run.sites:
-        u = draws[f"binomial.{s.name}"] if cfg.sampling == "binomial" else None
-        ci_lower[s.name], ci_upper[s.name] = ci_pair(z[s.name], u)
+    clean, site_inputs, z, ci_lower, ci_upper = clean_and_ci(run, model, frozen, params, batch, draws)
     pins = pins or {}
     for s in run.sites:
         ci_lower[s.name] = pins.get(f"ci_lower.{s.name}", ci_lower[s.name])
@@ -142,6 +142,11 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict
             v = faithfulness(run, model, frozen, params)
         elif t.type == "importance_minimality":
             v = importance_minimality(run, ci_upper, hp["imp_min_p"], t.beta, t.eps)
+        elif recon[i].source == "fresh_pgd":
+            v = fresh_pgd_term(run, model, frozen, params, recon[i], batch, clean, ci_lower, draws, record, pins)
+        elif recon[i].source == "persistent_pgd":
+            v = persistent_pgd_term(run, model, frozen, params, recon[i], batch, clean, ci_lower,
+                                    sources[recon[i].bundle], draws, record, pins)
         else:
             v = recon_term(run, model, frozen, params, recon[i], batch, clean, ci_lower, draws, record, pins)
         terms[term_key(i, t)] = v
@@ -151,6 +156,35 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict
             record[f"term.{k}"] = v
         record["term.total"] = total
     return total, (terms, ci_lower)
+
+
+def clean_and_ci(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, batch, draws: dict):
+    """S7, S12-S17: clean output, site inputs, CI logits, (ci_lower, ci_upper) per site."""
+    clean, site_inputs = model.clean_forward(frozen, batch)
+    inner = {}
+    if run.cfg.ci_fn.type == "mlp":
+        inner = {s.name: inner_act(s, site_inputs[s.name], params[f"components.{s.name}.V"]) for s in run.sites}
+    z = ci_logits(run, params, site_inputs, inner)
+    ci_lower, ci_upper = {}, {}
+    for s in run.sites:
+        u = draws[f"binomial.{s.name}"] if run.cfg.sampling == "binomial" else None
+        ci_lower[s.name], ci_upper[s.name] = ci_pair(z[s.name], u)
+    return clean, site_inputs, z, ci_lower, ci_upper
+
+
+def adversary_warmup(run: ResolvedRun, model: DecomposedModel, frozen, params, batch, draws: dict, hp: dict,
+                     sources: dict, source_opt: dict) -> tuple[dict, dict]:
+    """S84 (1): each persistent term's n_warmup detached ascents, before the main loss."""
+    terms = [t for t in run.recon_terms if t.source == "persistent_pgd" and run.cfg.loss_terms[t.index].n_warmup]
+    if not terms:
+        return sources, source_opt
+    clean, _, _, ci_lower, _ = jax.lax.stop_gradient(clean_and_ci(run, model, frozen, params, batch, draws))
+    sources, source_opt = dict(sources), dict(source_opt)
+    for t in terms:
+        sources[t.bundle], source_opt[t.bundle] = persistent_warmup(
+            run, model, frozen, params, t, batch, clean, ci_lower, sources[t.bundle], source_opt[t.bundle],
+            hp[f"lr_sources.{t.bundle}"])
+    return sources, source_opt
 
 
 def l0_per_site(ci_lower: dict) -> dict:
@@ -163,8 +197,16 @@ def train_step_body(run: ResolvedRun, model: DecomposedModel, state: dict, froze
     """One step (S30): forward, backward, clip per group, AdamW per group."""
     cfg = run.cfg
     params = state["params"]
-    (total, (terms, ci_lower)), grads = jax.value_and_grad(
-        lambda p: forward_terms(run, model, frozen, p, batch, draws, hp), has_aux=True)(params)
+    sources, source_opt = adversary_warmup(run, model, frozen, params, batch, draws, hp,
+                                           state["sources"], state["source_opt"])
+
+    def loss(p, srcs):
+        total, (terms, ci_lower) = forward_terms(run, model, frozen, p, batch, draws, hp, sources=srcs)
+        return (total, terms), ci_lower
+
+    (total, terms), vjp, ci_lower = jax.vjp(loss, params, sources, has_aux=True)
+    zeros = {k: jnp.zeros_like(v) for k, v in terms.items()}
+    grads, _ = vjp((jnp.ones_like(total), zeros))
     metrics = {f"loss/{k}": v for k, v in terms.items()}
     metrics["loss/total"] = total
     for n, g in grads.items():
@@ -185,10 +227,24 @@ def train_step_body(run: ResolvedRun, model: DecomposedModel, state: dict, froze
     comp, ci = split_groups(params)
     metrics["param_norm/components"] = global_norm(comp)
     metrics["param_norm/ci_fn"] = global_norm(ci)
+    # S84 (3): the final ascent's gradient is d(term, unscaled)/d(sources) from the same
+    # graph as the main backward (pre-update parameters): the vjp with the term's one-hot
+    for t in run.recon_terms:
+        if t.source == "persistent_pgd":
+            key = term_key(t.index, cfg.loss_terms[t.index])
+            _, g_src = vjp((jnp.zeros_like(total), zeros | {key: jnp.ones_like(terms[key])}))
+            g = g_src[t.bundle]
+            if with_grads:
+                grads = grads | {f"sources.{t.bundle}.{n}": v for n, v in g.items()}
+            sources[t.bundle], source_opt[t.bundle] = adam_ascent(
+                sources[t.bundle], g, source_opt[t.bundle], hp[f"lr_sources.{t.bundle}"], cfg.loss_terms[t.index].optimizer)
+            for n, v in g.items():
+                metrics[f"grad_norm/sources.{t.bundle}.{n}"] = jnp.linalg.norm(v.ravel())
+            metrics[f"param_norm/sources.{t.bundle}"] = global_norm(sources[t.bundle])
     metrics |= {f"l0/{n}": v for n, v in l0_per_site(ci_lower).items()}
     metrics |= {f"sched/{k}": v for k, v in hp.items()}
     state = {"params": params, "opt_components": new["opt_components"][1], "opt_ci_fn": new["opt_ci_fn"][1],
-             "step": state["step"] + 1}
+             "step": state["step"] + 1, "sources": sources, "source_opt": source_opt}
     if with_grads:
         return state, metrics, grads
     return state, metrics
@@ -292,6 +348,27 @@ def _wandb_start(run: ResolvedRun, out, start: int):
                       name=f"{out.name}", reinit=True)
 
 
+_RUNTIMES: dict[tuple, tuple] = {}
+_RUNTIMES_MAX = 2
+
+
+def runtime_for(run: ResolvedRun, dtype) -> tuple[ResolvedRun, DecomposedModel, "Stepper"]:
+    """(run, model, stepper) for a config and dtype. Reused by later `train` calls in the same
+    process for the same resolved config, dtype and target file, so a resume (or a rerun) in one
+    process does not recompile the step and the eval. At most `_RUNTIMES_MAX` are kept."""
+    from contract.targets import meta_path, resolve_path
+
+    files = [resolve_path(run.cfg.target.weights), meta_path(run.cfg.target.weights)]
+    stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    key = (run.cfg.hash(), str(jnp.dtype(dtype)), stamp, bool(jax.config.jax_enable_x64))
+    if key not in _RUNTIMES:
+        while len(_RUNTIMES) >= _RUNTIMES_MAX:
+            _RUNTIMES.pop(next(iter(_RUNTIMES)))
+        model = DecomposedModel(run, dtype)
+        _RUNTIMES[key] = (run, model, Stepper(run, model, dtype))
+    return _RUNTIMES[key]
+
+
 def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: bool = True,
           use_wandb: bool = False) -> dict:
     """Train `run` into `out_dir` (metrics.jsonl, checkpoints/). Returns a summary.
@@ -339,7 +416,7 @@ def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: 
     ckpt = latest_checkpoint(out) if resume else None
     if not resume:
         clear_checkpoints(out)
-    model = DecomposedModel(run, dt)
+    run, model, stepper = runtime_for(run, dt)
     extra: dict = {}
     if ckpt is not None:
         state = load_checkpoint(ckpt, run, dt)
@@ -353,7 +430,6 @@ def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: 
         state["params"] = params
         if warm:
             extra["faithfulness_warmup"] = {"steps": len(warm), "first": warm[0], "last": warm[-1]}
-    stepper = Stepper(run, model, dt)
     mngr = make_manager(out, cfg.checkpoint.keep)
     wb = _wandb_start(run, out, start) if use_wandb else None
     saved_at = start if ckpt is not None else None

@@ -11,7 +11,6 @@ interrupted run (SIGINT/SIGTERM) saves a checkpoint and exits with 128 + signal 
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 
@@ -79,6 +78,9 @@ def cmd_train(args) -> int:
         summary = train(run, args.out, resume=not args.no_resume, progress=not args.quiet)
     except (ConfigError, FileNotFoundError) as e:
         return _error(str(e))
+    except KeyboardInterrupt:
+        print(f"{PROG}: aborted (no checkpoint written by this interruption)", file=sys.stderr)
+        return 130
     if summary["start_step"] > 0:
         print(f"resumed from step {summary['start_step']}")
     fm = summary["final_metrics"]
@@ -86,7 +88,7 @@ def cmd_train(args) -> int:
         print(f"loss/total {fm['loss/total']:.6g} (last logged step)")
     if summary["final_eval"]:
         ev = {k: v for k, v in summary["final_eval"].items() if "/l0/" not in k}
-        print("eval: " + json.dumps({k: round(v, 6) for k, v in ev.items()}))
+        print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
     print(f"metrics: {summary['metrics_path']}")
     print(f"checkpoints: {summary['checkpoint_dir']} (latest: {summary['last_checkpoint']})")
     if summary["interrupted"]:

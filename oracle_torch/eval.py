@@ -37,6 +37,7 @@ from oracle_torch.components import DecomposedModel, SiteMode, inner_act
 from oracle_torch.losses import output_divergence
 from oracle_torch.recon import bernoulli_from_uniform
 from oracle_torch.sigmoids import ci_pair
+from oracle_torch.train import l0_per_site
 
 EVAL_VARIANTS = ("ci", "stochastic", "unmasked", "rounded", "zero")
 
@@ -118,16 +119,11 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
-def l0(ci_lower: torch.Tensor) -> float:
-    """Mean over positions of the number of components with ci_lower > 0."""
-    return float((ci_lower > 0).to(torch.float64).sum(-1).mean())
-
-
 @torch.no_grad()
 def eval_metrics(run: ResolvedRun, model: DecomposedModel, params: dict, batch, draws: dict) -> dict[str, float]:
     """All eval metrics of one batch (see the module docstring)."""
     clean, ci_lower = eval_ci(run, model, params, batch)
-    out = {f"eval/l0/{n}": l0(c) for n, c in ci_lower.items()}
+    out = {f"eval/l0/{n}": v for n, v in l0_per_site(ci_lower).items()}
     llama = run.cfg.target.kind == "llama"
     if llama:
         out["eval/ce/target"] = float(next_token_ce(clean, batch))

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from contract.targets import load_target_meta, resolve_path
+from contract.targets import EMBEDS_VS_EMBED_SITE, load_target_meta, resolve_path
 
 ATTN_IMPL = "vpd_eager"  # eager attention with the softmax in promote(dtype, float32)
 
@@ -197,11 +197,17 @@ def load_target(weights_path: str | Path, dtype: torch.dtype = torch.float32) ->
 
 
 def target_forward(model: nn.Module, kind: str, batch: torch.Tensor) -> torch.Tensor:
-    """llama: token ids [B, T] -> logits [B, T, V]; toys: features [B, F] -> output [B, F].
-    Toy inputs must already have the model's dtype (no silent casts)."""
+    """llama: token ids [B, T] -> logits [B, T, V], or input embeddings [B, T, d] (floating)
+    -> logits, which bypass `model.embed_tokens` (so it must not be a decomposed site);
+    toys: features [B, F] -> output [B, F]. Floating inputs must already have the model's
+    dtype (no silent casts)."""
     if kind == "llama":
         if batch.is_floating_point():
-            raise TypeError(f"llama target expects integer token ids, got {batch.dtype}")
+            if not isinstance(model.get_submodule("model.embed_tokens"), nn.Embedding):
+                raise ValueError(EMBEDS_VS_EMBED_SITE)
+            if batch.dtype != model.model.norm.weight.dtype:
+                raise TypeError(f"llama input embeddings are {batch.dtype}, the model is {model.model.norm.weight.dtype}")
+            return model(inputs_embeds=batch, use_cache=False).logits
         return model(input_ids=batch.long(), use_cache=False).logits
     if kind in ("tms", "resid_mlp"):
         return model(batch)

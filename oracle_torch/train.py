@@ -16,6 +16,8 @@ from contract.draws import DrawSpec, draw_plan
 from contract.init import init_state
 from contract.resolve import ResolvedRun
 from contract.schedules import imp_min_p, schedule_value
+from contract.adversary import bundle_of
+from oracle_torch.adversary import adam_ascent, fresh_pgd_term, init_source_opt, persistent_pgd_term, persistent_warmup
 from oracle_torch.ci_fn import ci_logits
 from oracle_torch.components import DecomposedModel, inner_act
 from oracle_torch.losses import faithfulness, importance_minimality
@@ -42,6 +44,9 @@ class TrainState:
     opt_ci_fn: torch.optim.AdamW
     step: int = 0
     extra: dict = field(default_factory=dict)
+    # persistent PGD (S82-S84): bundle -> {site: source}, bundle -> {"m", "v", "t"}
+    sources: dict = field(default_factory=dict)
+    source_opt: dict = field(default_factory=dict)
 
     def group(self, prefix: str) -> list[str]:
         return [n for n in self.params if n.startswith(prefix)]
@@ -59,20 +64,25 @@ def _adamw(params: list, oc) -> torch.optim.AdamW:
 
 def make_state(run: ResolvedRun, arrays: dict[str, np.ndarray] | None, dtype) -> TrainState:
     arrays = init_state(run) if arrays is None else arrays
-    params = make_params(arrays, dtype)
+    params = make_params({n: a for n, a in arrays.items() if not n.startswith("sources.")}, dtype)
     comp = [p for n, p in params.items() if n.startswith("components.")]
     ci = [p for n, p in params.items() if n.startswith("ci_fn.")]
     o = run.cfg.optim
-    return TrainState(params, _adamw(comp, o.components), _adamw(ci, o.ci_fn))
+    sources = {t.bundle: {s.name: torch.tensor(arrays[f"sources.{t.bundle}.{s.name}"], dtype=dtype) for s in run.sites}
+               for t in run.recon_terms if t.source == "persistent_pgd"}
+    return TrainState(params, _adamw(comp, o.components), _adamw(ci, o.ci_fn),
+                      sources=sources, source_opt={b: init_source_opt(v) for b, v in sources.items()})
 
 
 def hparams(cfg: RunConfig, step: int) -> dict[str, float]:
     """Schedule values for `step`, computed on the host (S40, S41)."""
     hp = {"lr_components": schedule_value(cfg.optim.components.lr, step, cfg.steps),
           "lr_ci_fn": schedule_value(cfg.optim.ci_fn.lr, step, cfg.steps)}
-    for t in cfg.loss_terms:
+    for i, t in enumerate(cfg.loss_terms):
         if t.type == "importance_minimality":
             hp["imp_min_p"] = imp_min_p(t, step, cfg.steps)
+        if t.type.startswith("persistent_pgd"):  # S84: the source LR, once per training step
+            hp[f"lr_sources.{bundle_of(i, t)}"] = schedule_value(t.optimizer.lr, step, cfg.steps)
     return hp
 
 
@@ -112,19 +122,11 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> 
 
 
 def forward_terms(run: ResolvedRun, model: DecomposedModel, params: dict, batch, draws: dict, hp: dict,
-                  record: dict | None = None, pins: dict | None = None):
+                  record: dict | None = None, pins: dict | None = None, sources: dict | None = None):
     """Everything up to the total loss. `pins` (stage bundles) replace computed
     `ci_lower.<site>` / `ci_upper.<site>` and per-forward routes / masks with given values. Returns (total, {term_key: value}, ci_lower)."""
     cfg = run.cfg
-    clean, site_inputs = model.clean_forward(batch)
-    inner = {}
-    if cfg.ci_fn.type == "mlp":
-        inner = {s.name: inner_act(s, site_inputs[s.name], params[f"components.{s.name}.V"]) for s in run.sites}
-    z = ci_logits(run, params, site_inputs, inner)
-    ci_lower, ci_upper = {}, {}
-    for s in run.sites:
-        u = draws[f"binomial.{s.name}"] if cfg.sampling == "binomial" else None
-        ci_lower[s.name], ci_upper[s.name] = ci_pair(z[s.name], u)
+    clean, site_inputs, z, ci_lower, ci_upper = clean_and_ci(run, model, params, batch, draws)
     pins = pins or {}
     for s in run.sites:
         ci_lower[s.name] = pins.get(f"ci_lower.{s.name}", ci_lower[s.name])
@@ -143,6 +145,10 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, params: dict, batch,
             v = faithfulness(run, model, params)
         elif t.type == "importance_minimality":
             v = importance_minimality(run, ci_upper, hp["imp_min_p"], t.beta, t.eps)
+        elif recon[i].source == "fresh_pgd":
+            v = fresh_pgd_term(run, model, recon[i], batch, clean, ci_lower, draws, record, pins)
+        elif recon[i].source == "persistent_pgd":
+            v = persistent_pgd_term(run, model, recon[i], batch, clean, ci_lower, sources[recon[i].bundle], draws, record, pins)
         else:
             v = recon_term(run, model, recon[i], batch, clean, ci_lower, draws, record, pins)
         terms[term_key(i, t)] = v
@@ -152,6 +158,32 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, params: dict, batch,
             record[f"term.{k}"] = v
         record["term.total"] = total
     return total, terms, ci_lower
+
+
+def clean_and_ci(run: ResolvedRun, model: DecomposedModel, params: dict, batch, draws: dict):
+    """S7, S12-S17: clean output, site inputs, CI logits, (ci_lower, ci_upper) per site."""
+    clean, site_inputs = model.clean_forward(batch)
+    inner = {}
+    if run.cfg.ci_fn.type == "mlp":
+        inner = {s.name: inner_act(s, site_inputs[s.name], params[f"components.{s.name}.V"]) for s in run.sites}
+    z = ci_logits(run, params, site_inputs, inner)
+    ci_lower, ci_upper = {}, {}
+    for s in run.sites:
+        u = draws[f"binomial.{s.name}"] if run.cfg.sampling == "binomial" else None
+        ci_lower[s.name], ci_upper[s.name] = ci_pair(z[s.name], u)
+    return clean, site_inputs, z, ci_lower, ci_upper
+
+
+def adversary_warmup(run: ResolvedRun, model: DecomposedModel, state: TrainState, batch, draws: dict, hp: dict):
+    """S84 (1): each persistent term's n_warmup detached ascents, before the main loss."""
+    terms = [t for t in run.recon_terms if t.source == "persistent_pgd" and run.cfg.loss_terms[t.index].n_warmup]
+    if not terms:
+        return
+    with torch.no_grad():
+        clean, _, _, ci_lower, _ = clean_and_ci(run, model, state.params, batch, draws)
+    for t in terms:
+        persistent_warmup(run, model, t, batch, clean, ci_lower, state.sources[t.bundle],
+                          state.source_opt[t.bundle], hp[f"lr_sources.{t.bundle}"])
 
 
 def l0_per_site(ci_lower: dict) -> dict[str, float]:
@@ -167,7 +199,17 @@ def train_step(run: ResolvedRun, model: DecomposedModel, state: TrainState, batc
     hp = hparams(cfg, state.step)
     for p in state.params.values():
         p.grad = None
-    total, terms, ci_lower = forward_terms(run, model, state.params, batch, draws, hp, record)
+    adversary_warmup(run, model, state, batch, draws, hp)
+    leaves = {b: {n: s.detach().requires_grad_(True) for n, s in srcs.items()} for b, srcs in state.sources.items()}
+    total, terms, ci_lower = forward_terms(run, model, state.params, batch, draws, hp, record, sources=leaves)
+    # S84 (3): the final ascent's gradient is d(term, unscaled)/d(sources) from the same graph
+    # as the main backward, i.e. at the pre-update parameters
+    src_grads = {}
+    for t in run.recon_terms:
+        if t.source == "persistent_pgd":
+            lv = leaves[t.bundle]
+            g = torch.autograd.grad(terms[term_key(t.index, cfg.loss_terms[t.index])], list(lv.values()), retain_graph=True)
+            src_grads[t.bundle] = dict(zip(lv, g))
     total.backward()
     metrics = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
     metrics["loss/total"] = float(total.detach())
@@ -185,6 +227,17 @@ def train_step(run: ResolvedRun, model: DecomposedModel, state: TrainState, batc
         grp["lr"] = hp["lr_ci_fn"]
     state.opt_components.step()
     state.opt_ci_fn.step()
+    for t in run.recon_terms:
+        if t.source == "persistent_pgd":
+            if record is not None:
+                for n, g in src_grads[t.bundle].items():
+                    record[f"grad.sources.{t.bundle}.{n}"] = g.detach().clone()
+            state.sources[t.bundle] = {n: s.detach() for n, s in leaves[t.bundle].items()}
+            adam_ascent(state.sources[t.bundle], src_grads[t.bundle], state.source_opt[t.bundle],
+                        hp[f"lr_sources.{t.bundle}"], cfg.loss_terms[t.index].optimizer)
+            for n, g in src_grads[t.bundle].items():
+                metrics[f"grad_norm/sources.{t.bundle}.{n}"] = float(torch.linalg.vector_norm(g))
+            metrics[f"param_norm/sources.{t.bundle}"] = math.sqrt(sum(float((v ** 2).sum()) for v in state.sources[t.bundle].values()))
     with torch.no_grad():
         metrics["param_norm/components"] = math.sqrt(sum(float((state.params[n] ** 2).sum()) for n in comp))
         metrics["param_norm/ci_fn"] = math.sqrt(sum(float((state.params[n] ** 2).sum()) for n in ci))
@@ -258,6 +311,7 @@ def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: 
     import os
     import shutil
     import signal
+    import sys
     import threading
     from pathlib import Path
 
@@ -301,6 +355,8 @@ def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: 
         if stop["signum"] is not None:  # second signal: abort now, no save
             raise KeyboardInterrupt
         stop["signum"] = signum
+        print(f"\nvpd-oracle: {signal.Signals(signum).name} received: stopping after this step and saving a "
+              "checkpoint (send it again to abort without saving)", file=sys.stderr, flush=True)
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -175,7 +175,8 @@ def compare_bundles(a: dict, b: dict, precision: str, exact: bool) -> tuple[list
     return rows, first
 
 
-def print_table(rows, first, out=sys.stdout):
+def print_table(rows, first, out=None):
+    out = out or sys.stdout  # resolved per call, so redirected stdout (capsys, redirect_stdout) sees the table
     print(f"{'stage':11s} {'tensor':60s} {'max|diff|':>10s} {'rel':>9s} {'allowed':>8s}  status", file=out)
     for i, (st, name, mabs, rel, allowed, status) in enumerate(rows):
         mark = "  <-- first failure" if i == first else ""

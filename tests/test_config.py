@@ -143,11 +143,9 @@ def _term(**kw):
 RESOLVE_ERRORS = [
     ("chunk_larger_than_sites", _term(type="chunkwise_subset_recon", coeff=1.0, sites_per_chunk=3),
      "loss_terms.3.sites_per_chunk", "larger than the number of sites (2)"),
-    ("pgd_recon", _term(type="pgd_recon", coeff=1.0), "loss_terms.3.type", "not implemented"),
-    ("pgd_recon_layerwise", _term(type="pgd_recon_layerwise", coeff=1.0), "loss_terms.3.type", "not implemented"),
-    ("pgd_recon_subset", _term(type="pgd_recon_subset", coeff=1.0), "loss_terms.3.type", "not implemented"),
-    ("persistent_pgd", _term(type="persistent_pgd_recon", coeff=1.0), "loss_terms.3.type", "not implemented"),
-    ("persistent_pgd_subset", _term(type="persistent_pgd_recon_subset", coeff=1.0), "loss_terms.3.type", "not implemented"),
+    ("persistent_pgd_coeff_0", _term(type="persistent_pgd_recon", coeff=0.0), "loss_terms.3.coeff", "coefficient 0"),
+    ("persistent_pgd_nsc_without_n", _term(type="persistent_pgd_recon", coeff=1.0, scope="nsc"), "loss_terms.3.n_sources", "required"),
+    ("persistent_pgd_n_without_nsc", _term(type="persistent_pgd_recon", coeff=1.0, scope="sc", n_sources=2), "loss_terms.3.n_sources", "only meaningful"),
     ("bf16", _set("runtime", {"dtype": "bf16"}), "runtime.dtype", "bf16"),
     ("seq_len_on_tms", _set("data", {"seq_len": 16}), "data.seq_len", "no sequence axis"),
     ("corpus_on_tms", _set("data", {"source": "corpus"}), "data.source", "features"),
@@ -162,7 +160,7 @@ RESOLVE_ERRORS = [
 @pytest.mark.parametrize("mutate,path,fragment", [p[1:] for p in RESOLVE_ERRORS], ids=[p[0] for p in RESOLVE_ERRORS])
 def test_resolve_error_names_field_path(tmp_path, mutate, path, fragment):
     # guards S1 (refusals in resolve_run, which both backends call), S2 (patterns), S20
-    # (terms at most once), S25 (chunk size), S29 (PGD refused), S70 (bf16 refused):
+    # (terms at most once), S25 (chunk size), S85/S86 (adversary refusals), S70 (bf16 refused):
     # one ConfigError naming the field
     d = base_config(write_tms_target(tmp_path))
     resolve_run(parse_config(copy.deepcopy(d)))  # the base resolves
@@ -173,6 +171,17 @@ def test_resolve_error_names_field_path(tmp_path, mutate, path, fragment):
     assert len(lines) == 1, str(ei.value)
     assert lines[0].startswith(f"{path}: "), str(ei.value)
     assert fragment in lines[0], str(ei.value)
+
+
+def test_shared_source_bundle_refused(tmp_path):
+    # guards S85: a source bundle belongs to exactly one persistent term
+    d = base_config(write_tms_target(tmp_path))
+    d["loss_terms"] += [{"type": "persistent_pgd_recon", "coeff": 1.0, "bundle": "shared"},
+                        {"type": "persistent_pgd_recon_subset", "coeff": 1.0, "bundle": "shared"}]
+    with pytest.raises(ConfigError) as ei:
+        resolve_run(parse_config(d))
+    assert error_lines(ei.value)[0].startswith("loss_terms.4.bundle: "), str(ei.value)
+    assert "already belongs to loss_terms.3" in str(ei.value)
 
 
 def test_chunk_size_equal_to_site_count_is_fine(tmp_path):

@@ -245,12 +245,9 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, tiny, problem, capsys):
 def test_production_step_is_deterministic_per_seed_and_step(tiny):
     # S50: production draws come from fold_in(PRNGKey(seed), step) inside the step: the same
     # (seed, step, state, batch) gives the same result bit for bit; another step draws anew.
-    from jax_impl.components import DecomposedModel
-    from jax_impl.train import Stepper, make_state
+    from jax_impl.train import make_state, runtime_for
     _, cfg = tiny
-    run = _run(cfg)
-    model = DecomposedModel(run, F32)
-    stepper = Stepper(run, model, F32)
+    run, model, stepper = runtime_for(_run(cfg), F32)  # the loop's own compiled step (Stepper)
     batch = jnp.asarray(batch_for_step(run, run.cfg.seed, 0), F32)
     outs = []
     for at in (0, 0, 1):

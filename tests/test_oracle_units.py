@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from contract.config import parse_config
 from contract.resolve import resolve_run
 from oracle_torch.components import DecomposedModel, SiteMode
-from oracle_torch.eval import EVAL_VARIANTS, eval_ci, eval_draw_plan, eval_metrics, next_token_ce, sample_eval_draws
+from oracle_torch.eval import next_token_ce
 from oracle_torch.losses import faithfulness, importance_minimality, output_divergence
 from oracle_torch.sigmoids import ALPHA, ci_pair, lower_leaky_hard, upper_leaky_hard
 from oracle_torch.train import clip_grad_norm, faithfulness_warmup, make_state
@@ -254,30 +254,6 @@ def test_faithfulness_warmup_only_touches_components(tmp_path):
         changed = not torch.equal(p.detach(), before[n])
         assert changed == n.startswith("components."), n
     assert not state.opt_components.state and not state.opt_ci_fn.state  # training optimizers untouched
-
-
-# ---------------------------------------------------------------- eval (S13, S26)
-def test_eval_metrics_toy_variants(tms):
-    # S13/S26: eval masks use ci_lower; ci/unmasked/rounded/zero have no delta path;
-    # stochastic uses the named eval draws.
-    run, state, model = tms
-    x = _x(8, 5, 3)
-    plan = eval_draw_plan(run, (8,))
-    assert [d.name for d in plan] == ["eval.linear1.source", "eval.linear1.delta", "eval.linear2.source", "eval.linear2.delta"]
-    draws = sample_eval_draws(run, 0, 0, F64, (8,))
-    m = eval_metrics(run, model, state.params, x, draws)
-    assert set(m) == {"eval/l0/linear1", "eval/l0/linear2"} | {f"eval/mse/{v}" for v in EVAL_VARIANTS}
-    clean, ci = eval_ci(run, model, state.params, x)
-    with torch.no_grad():
-        pred = model.masked_forward(x, {n: SiteMode(c, None, None) for n, c in ci.items()})
-        stoch = model.masked_forward(x, {n: SiteMode(c + (1 - c) * draws[f"eval.{n}.source"], draws[f"eval.{n}.delta"], None)
-                                         for n, c in ci.items()})
-    assert m["eval/mse/ci"] == float(((pred - clean) ** 2).sum() / pred.numel())
-    assert m["eval/mse/stochastic"] == float(((stoch - clean) ** 2).sum() / pred.numel())
-    # zero masks, no delta: linear1 outputs 0, linear2 outputs its bias -> relu(b)
-    b = model.sites["linear2"].frozen.bias
-    assert m["eval/mse/zero"] == pytest.approx(float(((torch.relu(b).expand(8, 5) - clean) ** 2).mean()), rel=1e-13)
-    assert m["eval/l0/linear1"] == float((ci["linear1"] > 0).sum(-1).to(F64).mean())
 
 
 def test_next_token_ce():
