@@ -106,6 +106,8 @@ def faithfulness_warmup(run: ResolvedRun, model: DecomposedModel, params: dict) 
 
 
 def global_norm(grads: dict):
+    if not grads:  # e.g. a faithfulness-only config leaves the CI function without gradient
+        return jnp.asarray(0.0)
     return jnp.linalg.norm(jnp.stack([jnp.linalg.norm(g.ravel()) for g in grads.values()]))
 
 
@@ -330,11 +332,40 @@ def _rewrite_metrics(path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def _host_line(line: dict) -> dict:
-    """Pull one metrics line to the host: every value a Python float (JSON-ready)."""
+def metric_order(run: ResolvedRun, param_names) -> dict[str, int]:
+    """Rank of every metric key in the oracle's line order (jitted outputs come back with
+    sorted dict keys; lines are written in the oracle's order so the files read alike)."""
+    from jax_impl.eval import EVAL_VARIANTS
+
+    cfg = run.cfg
+    keys = [f"eval/l0/{s.name}" for s in run.sites]
+    if cfg.target.kind == "llama":
+        keys.append("eval/ce/target")
+        for v in EVAL_VARIANTS:
+            keys += [f"eval/kl/{v}", f"eval/ce/{v}"]
+    else:
+        keys += [f"eval/mse/{v}" for v in EVAL_VARIANTS]
+    keys += [f"loss/{term_key(i, t)}" for i, t in enumerate(cfg.loss_terms)] + ["loss/total"]
+    keys += [f"grad_norm/{n}" for n in param_names if not n.startswith("sources.")]
+    keys += ["grad_norm/components", "grad_norm/ci_fn"]
+    for t in run.recon_terms:  # persistent PGD bundles (S84), as the oracle logs them
+        if t.source == "persistent_pgd":
+            keys += [f"grad_norm/sources.{t.bundle}.{s.name}" for s in run.sites] + [f"param_norm/sources.{t.bundle}"]
+    keys += ["param_norm/components", "param_norm/ci_fn"] + [f"l0/{s.name}" for s in run.sites]
+    keys += [f"sched/{k}" for k in hparams(cfg, 0)]
+    keys += ["warmup/faithfulness_first", "warmup/faithfulness_last"]
+    return {k: i for i, k in enumerate(keys)}
+
+
+def _host_line(line: dict, order: dict[str, int] | None = None) -> dict:
+    """Pull one metrics line to the host: every value a Python float (JSON-ready), keys in
+    `order` (unknown keys last, as they came)."""
     dev = {k: v for k, v in line.items() if not isinstance(v, (int, float))}
     got = jax.device_get(dev)
-    return {k: (float(got[k]) if k in got else v) for k, v in line.items()}
+    out = {k: (float(got[k]) if k in got else v) for k, v in line.items()}
+    if order:
+        out = dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return out
 
 
 def _wandb_start(run: ResolvedRun, out, start: int):
@@ -416,13 +447,13 @@ def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: 
     ckpt = latest_checkpoint(out) if resume else None
     if not resume:
         clear_checkpoints(out)
-    run, model, stepper = runtime_for(run, dt)
     extra: dict = {}
-    if ckpt is not None:
+    if ckpt is not None:  # refused here (before anything is built) under another config
         state = load_checkpoint(ckpt, run, dt)
         extra = dict(read_meta(ckpt).get("extra") or {})
     else:
         state = make_state(run, None, dt)
+    run, model, stepper = runtime_for(run, dt)
     start = int(state["step"])
     _rewrite_metrics(metrics_path, _read_metric_lines(metrics_path, start))
     if ckpt is None:
@@ -448,6 +479,7 @@ def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: 
             old_handlers[sig] = signal.signal(sig, _on_signal)
 
     pending: list[tuple[int, dict]] = []  # metrics lines still on the device
+    order = metric_order(run, init_state(run).keys())  # param names in the oracle (init) order
     last = {"train": {}, "eval": {}}
 
     def _flush(mf, upto: int | None = None) -> None:
@@ -456,7 +488,7 @@ def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: 
         ready = [p for p in pending if upto is None or p[0] < upto]
         pending = [p for p in pending if not (upto is None or p[0] < upto)]
         for k, line in ready:
-            host = _host_line(line)
+            host = _host_line(line, order)
             mf.write(json.dumps({"step": k, **host}) + "\n")
             if wb is not None:
                 wb.log(host, step=k)

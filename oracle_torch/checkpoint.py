@@ -4,8 +4,11 @@ Layout: `out_dir/checkpoints/step_{step:08d}/` holds
 - `state.safetensors`: every trainable tensor by its flat name (`components.*`, `ci_fn.*`,
   contract/init.py), the AdamW state per group `g` in {components, ci_fn}:
   `opt.{g}.exp_avg.{param}`, `opt.{g}.exp_avg_sq.{param}` and the group's step counter
-  `opt.{g}.step` (torch keeps one per param; all params of a group step together), and
-  the training counter `step` (int64). Names follow contract/layout.py.
+  `opt.{g}.step` (torch keeps one per param; all params of a group step together); the
+  persistent-PGD sources `sources.{bundle}.{site}` with their ascent moments
+  `opt.sources.exp_avg.sources.{bundle}.{site}`, `opt.sources.exp_avg_sq.…` and counter
+  `opt.sources.{bundle}.step`; and the training counter `step` (int64). Names follow
+  contract/layout.py.
 - `meta.json`: step, the resolved config (`run.cfg.to_dict()`) and its hash, dtype, the
   sha256 of the target weights, library versions, date, and `extra` (training-state
   notes such as the faithfulness-warmup losses).
@@ -85,6 +88,15 @@ def state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
             raise RuntimeError(f"AdamW state of group {g!r} has different step counters {sorted(steps)}")
         if step_t is not None:
             out[f"opt.{g}.step"] = torch.as_tensor(step_t).detach().clone().reshape(())
+    # persistent-PGD sources (S82-S84) and their ascent state, per bundle b
+    for b, srcs in state.sources.items():
+        o = state.source_opt[b]
+        for site, t in srcs.items():
+            n = f"sources.{b}.{site}"
+            out[n] = t.detach().clone().contiguous()
+            out[f"opt.sources.exp_avg.{n}"] = o["m"][site].detach().clone().contiguous()
+            out[f"opt.sources.exp_avg_sq.{n}"] = o["v"][site].detach().clone().contiguous()
+        out[f"opt.sources.{b}.step"] = torch.tensor(int(o["t"]), dtype=torch.int64)
     out["step"] = torch.tensor(state.step, dtype=torch.int64)
     return out
 
@@ -216,7 +228,8 @@ def check_compatible(meta: dict, run: ResolvedRun, dtype: torch.dtype, path: Pat
 
 
 def load_checkpoint(path: str | Path, run: ResolvedRun, dtype: torch.dtype) -> TrainState:
-    """Restore params, both AdamW states (moments and step counters) and state.step exactly."""
+    """Restore params, both AdamW states (moments and step counters), the persistent-PGD
+    sources and their ascent state, and state.step exactly."""
     path = Path(path)
     meta = read_meta(path)
     if meta.get("format") != FORMAT:
@@ -250,6 +263,13 @@ def load_checkpoint(path: str | Path, run: ResolvedRun, dtype: torch.dtype) -> T
                             "exp_avg_sq": tensors[k2].clone()}
         sd["state"] = new_state
         opt.load_state_dict(sd)
+    for b, srcs in state.sources.items():
+        o = state.source_opt[b]
+        for site in srcs:
+            n = f"sources.{b}.{site}"
+            o["m"][site] = tensors[f"opt.sources.exp_avg.{n}"].clone()
+            o["v"][site] = tensors[f"opt.sources.exp_avg_sq.{n}"].clone()
+        o["t"] = int(tensors[f"opt.sources.{b}.step"])
     state.step = int(tensors["step"])
     if state.step != meta["step"]:
         raise ValueError(f"checkpoint {path}: meta.json says step {meta['step']}, the state holds {state.step}")

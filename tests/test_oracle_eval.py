@@ -15,7 +15,7 @@ from oracle_torch.components import DecomposedModel, SiteMode
 from oracle_torch.eval import EVAL_VARIANTS, eval_ci, eval_draw_plan, eval_metrics, sample_eval_draws
 from oracle_torch.losses import output_divergence
 from oracle_torch.train import make_state
-from tests.test_oracle_units import F64, _x, tms  # noqa: F401  (tms is a fixture)
+from tests.test_oracle_units import F64, _x, tms, tms_config  # noqa: F401  (tms is a fixture)
 
 torch.set_num_threads(1)
 
@@ -76,3 +76,28 @@ def test_eval_metrics_llama_kl_and_ce(tmp_path):
     assert met["eval/kl/ci"] == float(output_divergence("kl", pred, clean))
     assert met["eval/ce/target"] == pytest.approx(float(F.cross_entropy(clean[:, :-1].reshape(-1, 16), tok[:, 1:].reshape(-1))), rel=1e-13)
     assert all(met[f"eval/kl/{v}"] >= 0 for v in EVAL_VARIANTS)
+
+
+def test_tms_recovery_scoring(tmp_path):
+    # parity/tms_recovery.py: a feature is matched iff exactly one component is above the
+    # threshold for it and that component is above it for no other feature.
+    import numpy as np
+
+    from parity.tms_recovery import plot_heatmap, recovery_scores, site_score, sorted_alive
+
+    good = np.zeros((3, 6))
+    good[0, 4], good[1, 1], good[2, 5] = 1.0, 0.9, 0.5
+    good[0, 2] = 0.05  # below the threshold: ignored
+    s = site_score(good)
+    assert (s["matched"], s["alive"]) == (1.0, 3)
+    shared = good.copy()
+    shared[2, 1] = 0.3  # component 1 now also serves feature 2 -> features 1 and 2 unmatched
+    s = site_score(shared)
+    assert s["n_matched"] == 1 and s["alive"] == 3
+    assert [p["components"] for p in s["per_feature"]] == [[4], [1], [1, 5]]
+    assert sorted_alive(good).tolist() == [4, 1, 5]
+    sc = recovery_scores(lambda x: {"a": good[x.argmax(1)], "b": shared[x.argmax(1)]}, 3)
+    assert not sc["recovered"] and sc["alive_total"] == 6 and sc["matched_mean"] == pytest.approx((1 + 1 / 3) / 2)
+    assert recovery_scores(lambda x: {"a": good[x.argmax(1)]}, 3)["recovered"]
+    png = plot_heatmap({"a": good, "b": shared}, tmp_path / "ci.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -113,6 +113,33 @@ def test_resume_reproduces_uninterrupted_run_bitwise(tmp_path, weights, monkeypa
     assert [p.name for p in list_checkpoints(tmp_path / "B")] == ["step_00000006", "step_00000007"]  # keep 2
 
 
+def test_resume_with_persistent_pgd_sources_bitwise(tmp_path, weights, monkeypatch):
+    # S84 + S60: persistent sources and their Adam state live in the checkpoint; a resumed run
+    # equals the uninterrupted one bit for bit (fresh PGD is stateless but draws per step).
+    d = tiny_config(weights, steps=5, eval={"every": 0}, checkpoint={"every": 0, "keep": 1})
+    d["loss_terms"] += [{"type": "persistent_pgd_recon", "coeff": 0.5, "scope": "c", "n_warmup": 1,
+                         "optimizer": {"type": "adam", "lr": {"start": 0.05}}},
+                        {"type": "pgd_recon_subset", "coeff": 0.3, "n_steps": 2, "scope": "bc"}]
+    run = run_of(d)
+    train(run, tmp_path / "A", progress=False)
+    ref_m, ref_t = metrics(tmp_path / "A"), final_tensors(tmp_path / "A")
+    assert {"sources.t4.linear1", "opt.sources.exp_avg.sources.t4.linear2", "opt.sources.t4.step"} <= set(ref_t)
+    assert int(ref_t["opt.sources.t4.step"]) == 5 + 5  # one warmup ascent + the final ascent per step
+
+    def term_after_2(run, model, state, batch, draws, record=None):
+        out = train_step(run, model, state, batch, draws, record)
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", term_after_2)
+    assert train(run, tmp_path / "B", progress=False)["interrupted"]
+    monkeypatch.setattr(train_mod, "train_step", train_step)
+    assert train(run, tmp_path / "B", progress=False)["start_step"] == 2
+    assert metrics(tmp_path / "B") == ref_m
+    assert_same_tensors(final_tensors(tmp_path / "B"), ref_t)
+
+
 def test_checkpoint_roundtrip_restores_optimizer_exactly(tmp_path, weights):
     run = run_of(tiny_config(weights))
     dt = torch.float64
@@ -207,10 +234,13 @@ def test_resume_under_a_different_config_is_refused_with_diff(tmp_path, weights,
 
 
 @pytest.mark.parametrize("term, needle", [
+    # S25: chunk size larger than the number of sites
     ({"type": "chunkwise_subset_recon", "coeff": 1.0, "sites_per_chunk": 3},
      "loss_terms.1.sites_per_chunk: 3 is larger than the number of sites (2)"),
-    ({"type": "pgd_recon", "coeff": 1.0}, "loss_terms.1.type: 'pgd_recon' (fresh PGD) is not implemented"),
-    ({"type": "persistent_pgd_recon", "coeff": 1.0}, "persistent PGD) is not implemented"),
+    # S85/S86: persistent-PGD refusals
+    ({"type": "persistent_pgd_recon", "coeff": 0.0}, "loss_terms.1.coeff: a persistent PGD term with coefficient 0"),
+    ({"type": "persistent_pgd_recon", "coeff": 1.0, "scope": "nsc"}, "loss_terms.1.n_sources: required with scope 'nsc'"),
+    ({"type": "persistent_pgd_recon", "coeff": 1.0, "n_sources": 2}, "loss_terms.1.n_sources: only meaningful with scope 'nsc'"),
 ])
 def test_bad_config_combos_refused_by_cli(tmp_path, weights, capsys, term, needle):
     d = tiny_config(weights, loss_terms=[{"type": "faithfulness", "coeff": 1.0}, term])
