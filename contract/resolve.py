@@ -95,8 +95,6 @@ def resolve_run(cfg: RunConfig, backend: str = "any") -> ResolvedRun:
     names = tuple(s.name for s in sites)
 
     # ---- cross-field checks (both backends call this) ----
-    if cfg.runtime.dtype == "bf16":
-        raise ConfigError("runtime.dtype: 'bf16' compute is not implemented by either backend yet (use float32 or float64)")
     if cfg.runtime.mesh.data * cfg.runtime.mesh.components != 1:
         raise ConfigError("runtime.mesh: multi-device meshes are not implemented yet (data and components must be 1)")
     for s in sites:

@@ -24,7 +24,7 @@ def source_modes(run, live, ci: dict, srcs: dict, routes, scope: str, batch_rows
     modes = {}
     for j, name in enumerate(live):
         C = run.site(name).C
-        src = expand_rows(srcs[name], batch_rows, scope)
+        src = expand_rows(srcs[name], batch_rows, scope).astype(ci[name].dtype)  # no-op unless bf16 compute
         mask = ci[name] + (1 - ci[name]) * src[..., :C]
         dm = src[..., C] if run.cfg.use_delta_component else None
         modes[name] = SiteMode(mask, dm, None if routes is None else routes[..., j])

@@ -31,7 +31,9 @@ def importance_minimality(run, ci_upper: dict, p, beta: float, eps: float):
 
 def output_divergence(kind: str, pred, target):
     """S23: 'kl' = mean over positions of KL(softmax(target) || softmax(pred));
-    'mse' = sum (pred - target)^2 / numel."""
+    'mse' = sum (pred - target)^2 / numel. Computed in fp32 at least (bf16 compute, S70)."""
+    pred = pred.astype(jnp.promote_types(pred.dtype, jnp.float32))
+    target = target.astype(jnp.promote_types(target.dtype, jnp.float32))
     if kind == "kl":
         lt = jax.nn.log_softmax(target, -1)
         lp = jax.nn.log_softmax(pred, -1)

@@ -30,11 +30,26 @@ DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 
 
 def jax_dtype(name: str):
+    """The dtype of the masters and optimizer moments (bf16 compute keeps fp32 masters, S70)."""
+    if name == "bf16":
+        return jnp.float32
     if name not in DTYPES:
         raise ValueError(f"runtime.dtype: the JAX trainer runs float32 or float64, not {name!r}")
     if name == "float64" and not jax.config.jax_enable_x64:
         raise ValueError("runtime.dtype: float64 needs jax_enable_x64 (set JAX_ENABLE_X64=1 before JAX starts)")
     return DTYPES[name]
+
+
+def compute_dtype(run: ResolvedRun):
+    """S70: bf16 compute runs the forwards in bfloat16 from fp32 masters; None = the masters' dtype."""
+    return jnp.bfloat16 if run.cfg.runtime.dtype == "bf16" else None
+
+
+def to_compute(tree, cd):
+    """Cast the floating leaves of a pytree to the compute dtype (identity when cd is None)."""
+    if cd is None:
+        return tree
+    return jax.tree.map(lambda x: x.astype(cd) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
 
 
 def term_key(i: int, t) -> str:
@@ -125,6 +140,9 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict
     """Everything up to the total loss. `pins` (stage bundles) replace computed
     `ci_lower.<site>` / `ci_upper.<site>` and per-forward routes / masks with given values. Returns (total, ({term_key: value}, ci_lower))."""
     cfg = run.cfg
+    masters, frozen_masters = params, frozen
+    cd = compute_dtype(run)
+    params, frozen, batch, draws, sources = to_compute((params, frozen, batch, draws, sources), cd)
     clean, site_inputs, z, ci_lower, ci_upper = clean_and_ci(run, model, frozen, params, batch, draws)
     pins = pins or {}
     for s in run.sites:
@@ -140,10 +158,10 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict
     recon = {t.index: t for t in run.recon_terms}
     terms, total = {}, 0.0
     for i, t in enumerate(cfg.loss_terms):
-        if t.type == "faithfulness":
-            v = faithfulness(run, model, frozen, params)
-        elif t.type == "importance_minimality":
-            v = importance_minimality(run, ci_upper, hp["imp_min_p"], t.beta, t.eps)
+        if t.type == "faithfulness":  # from the masters (fp32 at least, S70)
+            v = faithfulness(run, model, frozen_masters, masters)
+        elif t.type == "importance_minimality":  # reductions in fp32 at least (S70)
+            v = importance_minimality(run, upcast(ci_upper), hp["imp_min_p"], t.beta, t.eps)
         elif recon[i].source == "fresh_pgd":
             v = fresh_pgd_term(run, model, frozen, params, recon[i], batch, clean, ci_lower, draws, record, pins)
         elif recon[i].source == "persistent_pgd":
@@ -158,6 +176,11 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict
             record[f"term.{k}"] = v
         record["term.total"] = total
     return total, (terms, ci_lower)
+
+
+def upcast(tree):
+    """At least fp32 (identity for fp32 / fp64)."""
+    return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
 
 
 def clean_and_ci(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, batch, draws: dict):
@@ -180,6 +203,7 @@ def adversary_warmup(run: ResolvedRun, model: DecomposedModel, frozen, params, b
     terms = [t for t in run.recon_terms if t.source == "persistent_pgd" and run.cfg.loss_terms[t.index].n_warmup]
     if not terms:
         return sources, source_opt
+    params, frozen, batch, draws = to_compute((params, frozen, batch, draws), compute_dtype(run))
     clean, _, _, ci_lower, _ = jax.lax.stop_gradient(clean_and_ci(run, model, frozen, params, batch, draws))
     sources, source_opt = dict(sources), dict(source_opt)
     for t in terms:

@@ -143,8 +143,11 @@ def compare_records(rep: Report, got: list[dict], want: list[dict], precision: s
 
 
 def _metric_order(key: str):
-    # losses first (the term usually names the cause), then gradients, then the rest
-    order = ("loss/", "grad_norm/", "param_norm/", "l0/", "sched/")
+    # losses first (the term usually names the cause), then per-leaf gradient norms (they
+    # name the tensor), then group norms, then the rest
+    order = ("loss/", "grad_norm/", "grad_norm_group/", "param_norm/", "l0/", "sched/")
+    if key in ("grad_norm/components", "grad_norm/ci_fn"):
+        key = "grad_norm_group/" + key
     return (next((i for i, p in enumerate(order) if key.startswith(p)), len(order)), key)
 
 
@@ -183,6 +186,7 @@ def compare_result(label: str, precision: str, got: tuple, want: tuple) -> Repor
     """got/want = (records, step-0 grads, warmup losses)."""
     rep = Report(label)
     compare_warmup(rep, got[2], want[2], precision)
-    compare_records(rep, got[0], want[0], precision)
+    # step-0 gradient tensors before the records: at step 0 they name the leaf and index
     compare_grads(rep, got[1], want[1], precision)
+    compare_records(rep, got[0], want[0], precision)
     return rep

@@ -60,6 +60,10 @@ def main(argv=None) -> int:
             continue
         d = _deltas(old, records)
         worst = d[0] if d else (0.0, "-", None, None)
+        if worst[0] == 0.0:
+            print(f"{name}: unchanged (every value bit-identical)")
+            log.append(f"- {name}: unchanged\n")
+            continue
         print(f"{name}: largest rel change {worst[0]:.2e} at {worst[1]} ({worst[2]} -> {worst[3]})")
         for e, where, o, n in d[1:4]:
             if e > 0:

@@ -146,7 +146,6 @@ RESOLVE_ERRORS = [
     ("persistent_pgd_coeff_0", _term(type="persistent_pgd_recon", coeff=0.0), "loss_terms.3.coeff", "coefficient 0"),
     ("persistent_pgd_nsc_without_n", _term(type="persistent_pgd_recon", coeff=1.0, scope="nsc"), "loss_terms.3.n_sources", "required"),
     ("persistent_pgd_n_without_nsc", _term(type="persistent_pgd_recon", coeff=1.0, scope="sc", n_sources=2), "loss_terms.3.n_sources", "only meaningful"),
-    ("bf16", _set("runtime", {"dtype": "bf16"}), "runtime.dtype", "bf16"),
     ("seq_len_on_tms", _set("data", {"seq_len": 16}), "data.seq_len", "no sequence axis"),
     ("corpus_on_tms", _set("data", {"source": "corpus"}), "data.source", "features"),
     ("multi_device_mesh", _set("runtime", {"mesh": {"data": 2}}), "runtime.mesh", "not implemented"),
@@ -160,7 +159,7 @@ RESOLVE_ERRORS = [
 @pytest.mark.parametrize("mutate,path,fragment", [p[1:] for p in RESOLVE_ERRORS], ids=[p[0] for p in RESOLVE_ERRORS])
 def test_resolve_error_names_field_path(tmp_path, mutate, path, fragment):
     # guards S1 (refusals in resolve_run, which both backends call), S2 (patterns), S20
-    # (terms at most once), S25 (chunk size), S85/S86 (adversary refusals), S70 (bf16 refused):
+    # (terms at most once), S25 (chunk size), S85/S86 (adversary refusals):
     # one ConfigError naming the field
     d = base_config(write_tms_target(tmp_path))
     resolve_run(parse_config(copy.deepcopy(d)))  # the base resolves
