@@ -236,6 +236,9 @@ class EvalConfig(Strict):
     every: int = Field(default=0, ge=0)  # 0 = never
     batch_size: int = Field(default=256, gt=0)
     n_batches: int = Field(default=1, gt=0)
+    # fresh-PGD probe (S88): n sign ascents of per-position sources on every site; 0 = off
+    pgd_steps: int = Field(default=0, ge=0)
+    pgd_step_size: float = Field(default=0.1, gt=0)
 
 
 class CheckpointConfig(Strict):

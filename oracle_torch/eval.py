@@ -18,7 +18,8 @@ split="eval")`), with every site live and routed everywhere:
 
 CI in eval is deterministic: ci_lower = lower_leaky_hard(z) even under binomial sampling
 (the binomial noise is a training device). The eval draws are named `eval.{site}.source`
-[..., C] and `eval.{site}.delta` [...] (U[0,1)); `eval_draw_plan` lists them so the JAX
+[..., C], `eval.{site}.delta` [...] and, with the PGD probe, `eval.{site}.pgd_init`
+(U[0,1)); `eval_draw_plan` lists them so the JAX
 mirror and the parity harness can use the same names. `n_batches` eval batches are
 averaged (batch j of the eval at step k is eval-stream step `k * n_batches + j`).
 """
@@ -29,9 +30,11 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
+from contract.adversary import n_channels, source_shape
 from contract.data import batch_for_step
 from contract.draws import DrawSpec
 from contract.resolve import ResolvedRun
+from oracle_torch.adversary import sign_ascent, source_divergence
 from oracle_torch.ci_fn import ci_logits
 from oracle_torch.components import DecomposedModel, SiteMode, inner_act
 from oracle_torch.losses import output_divergence
@@ -50,6 +53,8 @@ def eval_draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...]) -> list[DrawS
         plan.append(DrawSpec(f"eval.{s.name}.source", bs + (s.C,)))
         if run.cfg.use_delta_component:
             plan.append(DrawSpec(f"eval.{s.name}.delta", bs))
+        if run.cfg.eval.pgd_steps:
+            plan.append(DrawSpec(f"eval.{s.name}.pgd_init", source_shape(bs, "bsc", n_channels(run.cfg, s.C))))
     return plan
 
 
@@ -134,7 +139,21 @@ def eval_metrics(run: ResolvedRun, model: DecomposedModel, params: dict, batch, 
             out[f"eval/ce/{v}"] = float(next_token_ce(pred, batch))
         else:
             out[f"eval/mse/{v}"] = float(output_divergence("mse", pred, clean))
+    if run.cfg.eval.pgd_steps:
+        out[f"eval/pgd/{'kl' if llama else 'mse'}"] = float(pgd_probe(run, model, batch, clean, ci_lower, draws))
     return out
+
+
+def pgd_probe(run: ResolvedRun, model: DecomposedModel, batch, clean, ci_lower: dict, draws: dict):
+    """S88: the recon loss under a fresh-PGD adversary (every site live, routed everywhere,
+    per-position sources from `eval.<site>.pgd_init`, `eval.pgd_steps` sign ascents of
+    `eval.pgd_step_size`). Detached: a metric, never a loss."""
+    e = run.cfg.eval
+    srcs = {n: draws[f"eval.{n}.pgd_init"] for n in run.site_names}
+    with torch.enable_grad():
+        srcs = sign_ascent(run, model, run.site_names, batch, clean, ci_lower, srcs, None, "bsc", e.pgd_step_size, e.pgd_steps)
+    d, _ = source_divergence(run, model, run.site_names, batch, clean, ci_lower, srcs, None, "bsc")
+    return d
 
 
 def evaluate(run: ResolvedRun, model: DecomposedModel, params: dict, step: int, dtype) -> dict[str, float]:

@@ -175,3 +175,21 @@ def test_jax_persistent_sources_stay_in_bounds_over_steps():
         for s in state["sources"]["t1"].values():
             assert float(s.min()) >= 0.0 and float(s.max()) <= 1.0
         assert any(float(s.min()) == 0.0 or float(s.max()) == 1.0 for s in state["sources"]["t1"].values())
+
+
+def test_torch_eval_pgd_probe_is_adversarial():
+    # guards S88: the probe's loss exceeds the loss at its initial sources, and it is logged
+    import torch
+    from oracle_torch.adversary import source_divergence
+    from oracle_torch.eval import eval_draw_plan, eval_metrics
+    run = tms_run([], eval={"every": 1, "batch_size": 16, "pgd_steps": 3, "pgd_step_size": 0.05})
+    state, model, batch, _, clean, _ = _torch_setup(run)
+    draws = {d.name: torch.rand(d.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+             for d in eval_draw_plan(run, tuple(batch.shape[:1]))}
+    m = eval_metrics(run, model, state.params, batch, draws)
+    from oracle_torch.eval import eval_ci
+    with torch.no_grad():
+        clean, ci = eval_ci(run, model, state.params, batch)
+        d0, _ = source_divergence(run, model, run.site_names, batch, clean, ci,
+                                  {n: draws[f"eval.{n}.pgd_init"] for n in run.site_names}, None, "bsc")
+    assert m["eval/pgd/mse"] > float(d0) * 1.05, (m["eval/pgd/mse"], float(d0))
