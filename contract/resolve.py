@@ -95,8 +95,12 @@ def resolve_run(cfg: RunConfig, backend: str = "any") -> ResolvedRun:
     names = tuple(s.name for s in sites)
 
     # ---- cross-field checks (both backends call this) ----
-    if cfg.runtime.mesh.data * cfg.runtime.mesh.components != 1:
-        raise ConfigError("runtime.mesh: multi-device meshes are not implemented yet (data and components must be 1)")
+    if cfg.runtime.mesh.components != 1:
+        raise ConfigError("runtime.mesh.components: sharding components over C is not implemented (use 1)")
+    if cfg.batch_size % cfg.runtime.mesh.data:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by runtime.mesh.data ({cfg.runtime.mesh.data})")
+    if cfg.eval.batch_size % cfg.runtime.mesh.data:
+        raise ConfigError(f"eval.batch_size: {cfg.eval.batch_size} is not divisible by runtime.mesh.data ({cfg.runtime.mesh.data})")
     for s in sites:
         if s.kind == "embedding" and cfg.ci_fn.type != "mlp":
             raise ConfigError(f"ci_fn.type: {cfg.ci_fn.type!r} cannot take the token ids of embedding site {s.name!r}; use 'mlp'")

@@ -134,11 +134,14 @@ def _eval_body(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, b
 # jitted bodies per (run, model): ResolvedRun holds lists (unhashable), so it cannot be a
 # static argument; the cache keeps the objects alive so their ids stay unique.
 _JIT: dict[tuple[int, int], tuple] = {}
+_JIT_MAX = 4
 
 
 def _jitted(run: ResolvedRun, model: DecomposedModel, what: str):
     key = (id(run), id(model))
     if key not in _JIT:
+        while len(_JIT) >= _JIT_MAX:  # bounded: each entry keeps a model (frozen weights) alive
+            _JIT.pop(next(iter(_JIT)))
         body = partial(_eval_body, run, model)
 
         def with_key(frozen, params, batch, key, dtype):

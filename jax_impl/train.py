@@ -23,6 +23,7 @@ from jax_impl.adversary import adam_ascent, fresh_pgd_term, init_source_opt, per
 from jax_impl.ci_fn import ci_logits
 from jax_impl.components import DecomposedModel, inner_act
 from jax_impl.losses import faithfulness, importance_minimality
+from jax_impl.mesh import Placement, make_data_mesh
 from jax_impl.recon import recon_term
 from jax_impl.sigmoids import ci_pair
 
@@ -283,6 +284,8 @@ class Stepper:
     def __init__(self, run: ResolvedRun, model: DecomposedModel, dtype):
         self.run, self.model, self.dtype = run, model, dtype
         self.plan = draw_plan(run)
+        n = run.cfg.runtime.mesh.data  # S91: data parallel = the global program, sharded inputs
+        self.placement = Placement(make_data_mesh(n), run.batch_shape[0]) if n > 1 else None
         # one compiled step for parity runs (it also returns the raw gradients), one for production
         self._draws = jax.jit(partial(train_step_body, run, model, with_grads=True), donate_argnums=(0,))
         self._key = jax.jit(self._key_body, donate_argnums=(0,))
@@ -296,10 +299,14 @@ class Stepper:
 
     def step_with_draws(self, state, batch, draws: dict, step: int, with_grads: bool = False):
         draws = {k: jnp.asarray(v, self.dtype) for k, v in draws.items()}
+        if self.placement is not None:
+            batch, draws = self.placement.put(batch), self.placement.put_tree(draws)
         state, metrics, grads = self._draws(state, self.model.frozen, batch, draws, self.hp(step))
         return (state, metrics, grads) if with_grads else (state, metrics)
 
     def step_with_key(self, state, batch, step: int):
+        if self.placement is not None:
+            batch = self.placement.put(batch)
         return self._key(state, self.model.frozen, batch, jax.random.PRNGKey(self.run.cfg.seed), self.hp(step))
 
 

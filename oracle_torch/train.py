@@ -64,6 +64,9 @@ def _adamw(params: list, oc) -> torch.optim.AdamW:
 
 
 def make_state(run: ResolvedRun, arrays: dict[str, np.ndarray] | None, dtype) -> TrainState:
+    if run.cfg.runtime.mesh.data != 1:
+        raise ValueError("runtime.mesh.data: the oracle trains in one process (its FSDP2 path is not "
+                         "implemented); use runtime.mesh.data: 1 — the JAX trainer shards over a mesh")
     arrays = init_state(run) if arrays is None else arrays
     params = make_params({n: a for n, a in arrays.items() if not n.startswith("sources.")}, dtype)
     comp = [p for n, p in params.items() if n.startswith("components.")]

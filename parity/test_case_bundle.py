@@ -20,9 +20,13 @@ from contract.targets import REPO_ROOT
 from parity.case_bundle import (CaseBundleError, expected_target_tensors, main, materialise,
                                 normalise_llama_config, read_case_bundle, terms, write_case_bundle)
 
-# XLA backend optimisation level 0 for the three JAX compiles (same HLO, about half the
-# compile time); the production compile setting is what the rest of parity/ exercises.
+# XLA backend optimisation level 0 for the three JAX compiles: same HLO, about half the
+# compile time, results within ~2e-15 of the default setting (which the rest of parity/ uses).
 FAST = True
+# one xdist worker for the whole module (`pytest parity/ -n 2 --dist loadgroup`): the
+# per-module result cache then compiles each JAX step once
+pytestmark = pytest.mark.xdist_group("case_bundle")
+
 REL = 1e-10  # parity/tolerances.py: ("float64", "term") and ("float64", "grad")
 
 TCFG = dict(model_type="llama", vocab_size=50, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
@@ -36,6 +40,7 @@ TERMS = [{"type": "faithfulness", "coeff": 1.0},
          {"type": "stochastic_recon_subset", "coeff": 0.5},
          {"type": "ci_masked_recon", "coeff": 0.3},
          {"type": "unmasked_recon", "coeff": 0.1}]
+PIN_TERMS = [TERMS[1], TERMS[3], TERMS[4]]  # importance_minimality, ci_masked_recon, unmasked_recon
 RUN = {"seed": 3, "data": {"source": "corpus"}, "sites": SITES, "ci_fn": {"type": "shared_mlp", "hidden": [6]},
        "output_loss": "kl", "loss_terms": TERMS, "steps": 10, "batch_size": 2,
        "optim": {"components": {"lr": {"start": 1.0e-3}}, "ci_fn": {"lr": {"start": 1.0e-3}}}}
@@ -85,7 +90,8 @@ def bundles(tmp_path_factory):
     emb_path = write(d / "embeds.safetensors", input_embeds=TARGET["model.embed_tokens.weight"][IDS])
     ones = {f"ci_lower.{n}": np.ones((B, T, C)) for n, C in
             [("model.layers.0.mlp.down_proj", 4), ("model.layers.1.self_attn.v_proj", 3), ("lm_head", 5)]}
-    pin_path = write(d / "pinned.safetensors", input_ids=IDS, pins=ones)
+    # a smaller config (a cheaper JAX compile); same sites, CI function and seed, so the same init
+    pin_path = write(d / "pinned.safetensors", run=dict(RUN, loss_terms=PIN_TERMS), input_ids=IDS, pins=ones)
     return {"ids": ids_path, "embeds": emb_path, "pinned": pin_path}
 
 
@@ -117,12 +123,11 @@ def test_embeds_equal_ids(bundles, backend):
 def test_pinned_ci_lower(bundles, backend):
     free, pinned = result(bundles, "ids", backend), result(bundles, "pinned", backend)
     # S26: with ci_lower = 1 the CI-masked forward is the unmasked one
-    assert pinned["loss/3.ci_masked_recon"] == pytest.approx(pinned["loss/4.unmasked_recon"], rel=1e-13)
-    assert rel(free["loss/3.ci_masked_recon"], free["loss/4.unmasked_recon"]) > 1e-3  # not true unpinned
-    # terms that never read ci_lower are unchanged (imp-min reads ci_upper, S13)
-    for k in ("loss/0.faithfulness", "loss/1.importance_minimality", "loss/4.unmasked_recon"):
-        assert pinned[k] == pytest.approx(free[k], rel=1e-13), k
-    assert rel(pinned["loss/2.stochastic_recon_subset"], free["loss/2.stochastic_recon_subset"]) > 1e-6
+    assert pinned["loss/1.ci_masked_recon"] == pytest.approx(pinned["loss/2.unmasked_recon"], rel=1e-13)
+    assert rel(free["loss/3.ci_masked_recon"], free["loss/4.unmasked_recon"]) > 1e-3  # not so unpinned
+    # the terms that never read ci_lower are unchanged (imp-min reads ci_upper, S13)
+    assert pinned["loss/0.importance_minimality"] == pytest.approx(free["loss/1.importance_minimality"], rel=1e-13)
+    assert pinned["loss/2.unmasked_recon"] == pytest.approx(free["loss/4.unmasked_recon"], rel=1e-13)
     if backend == "jax":
         e, k = worst(result(bundles, "pinned", "torch"), pinned)
         assert e <= REL, f"pinned bundle {k}: torch vs jax rel {e:.2e}"

@@ -40,6 +40,8 @@ from contract.resolve import resolve_run
 from contract.targets import REPO_ROOT
 
 F32 = jnp.float32
+# one xdist worker runs the whole module: the fixtures share one trained run and its compiled step
+pytestmark = pytest.mark.xdist_group("jax_train")
 
 
 @pytest.fixture(scope="module", autouse=True)
