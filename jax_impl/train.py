@@ -96,7 +96,15 @@ def hparams(cfg: RunConfig, step: int) -> dict[str, float]:
 
 def sample_draws(plan: list[DrawSpec], key, dtype) -> dict:
     """Production sampling of the draw plan inside the step, keyed by fold_in(seed, step)."""
-    return {d.name: jax.random.uniform(jax.random.fold_in(key, i), d.shape, dtype) for i, d in enumerate(plan)}
+    # one generator call for the whole plan, sliced per named tensor (one call per draw
+    # multiplies the compiled program; the stream need not match the oracle's, S50)
+    sizes = [int(np.prod(d.shape)) for d in plan]
+    flat = jax.random.uniform(key, (sum(sizes),), dtype)
+    out, i = {}, 0
+    for d, n in zip(plan, sizes):
+        out[d.name] = flat[i:i + n].reshape(d.shape)
+        i += n
+    return out
 
 
 def faithfulness_warmup(run: ResolvedRun, model: DecomposedModel, params: dict) -> tuple[dict, list[float]]:

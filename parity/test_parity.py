@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from contract.config import config_diff
 from parity.cases import CASES
 from parity.goldens import compare_result, load_golden, provenance_note
 from parity.lock import lock_problem
@@ -24,6 +25,11 @@ def _result(backend: str, name: str):
 
 def _golden(name: str):
     g = load_golden(name)
+    cfg = CASES[name].cfg()
+    if g.manifest["config_hash"] != cfg.hash():
+        diff = "\n".join(config_diff(g.manifest["config"], cfg.to_dict()))
+        pytest.fail(f"golden {name} is stale: it was made for another config (regenerate with "
+                    f"`python -m parity.regen --reason ... --cases {name}`):\n{diff}")
     return g, (g.trajectory, g.grads, g.terms["warmup"])
 
 
