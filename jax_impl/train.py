@@ -17,6 +17,7 @@ from contract.config import RunConfig
 from contract.draws import DrawSpec, draw_plan
 from contract.init import init_state
 from contract.resolve import ResolvedRun
+from contract.runlog import read_metric_lines, rewrite_metrics, with_dtype
 from contract.schedules import imp_min_p, schedule_value
 from contract.adversary import bundle_of
 from jax_impl.adversary import adam_ascent, fresh_pgd_term, init_source_opt, persistent_pgd_term, persistent_warmup
@@ -331,46 +332,6 @@ def _dtype_name(dtype) -> str:
     return str(jnp.dtype(dtype))
 
 
-def _with_dtype(run: ResolvedRun, name: str) -> ResolvedRun:
-    """`run` with runtime.dtype set to `name`, so the override is recorded in the config."""
-    from contract.config import parse_config
-    from contract.resolve import resolve_run
-
-    if run.cfg.runtime.dtype == name:
-        return run
-    d = run.cfg.to_dict()
-    d["runtime"]["dtype"] = name
-    return resolve_run(parse_config(d, "dtype override"))
-
-
-def _read_metric_lines(path, before_step: int) -> list[str]:
-    """The lines of metrics.jsonl with step < before_step (a torn last line is dropped)."""
-    import json
-
-    keep = []
-    if not path.is_file():
-        return keep
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] < before_step:
-            keep.append(line)
-    return keep
-
-
-def _rewrite_metrics(path, lines: list[str]) -> None:
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def metric_order(run: ResolvedRun, param_names) -> dict[str, int]:
     """Rank of every metric key in the oracle's line order (jitted outputs come back with
     sorted dict keys; lines are written in the oracle's order so the files read alike)."""
@@ -476,7 +437,7 @@ def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: 
     if dtype is not None:
         name = _dtype_name(dtype)
         jax_dtype(name)
-        run = _with_dtype(run, name)
+        run = with_dtype(run, name)
     cfg = run.cfg
     dt = jax_dtype(cfg.runtime.dtype)
     out = Path(out_dir)
@@ -494,7 +455,7 @@ def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: 
         state = make_state(run, None, dt)
     run, model, stepper = runtime_for(run, dt)
     start = int(state["step"])
-    _rewrite_metrics(metrics_path, _read_metric_lines(metrics_path, start))
+    rewrite_metrics(metrics_path, read_metric_lines(metrics_path, start))
     if ckpt is None:
         params, warm = faithfulness_warmup(run, model, state["params"])
         state["params"] = params

@@ -16,6 +16,7 @@ from contract.config import RunConfig
 from contract.draws import DrawSpec, draw_plan
 from contract.init import init_state
 from contract.resolve import ResolvedRun
+from contract.runlog import read_metric_lines, rewrite_metrics, with_dtype
 from contract.schedules import imp_min_p, schedule_value
 from contract.adversary import bundle_of
 from oracle_torch.adversary import adam_ascent, fresh_pgd_term, init_source_opt, persistent_pgd_term, persistent_warmup
@@ -263,46 +264,6 @@ def draws_for_step(run: ResolvedRun, step: int, dtype, batch_shape=None) -> dict
 
 
 # ---------------------------------------------------------------- the training loop
-def _with_dtype(run: ResolvedRun, name: str) -> ResolvedRun:
-    """`run` with runtime.dtype set to `name`, so the override is recorded in the config."""
-    from contract.config import parse_config
-    from contract.resolve import resolve_run
-
-    if run.cfg.runtime.dtype == name:
-        return run
-    d = run.cfg.to_dict()
-    d["runtime"]["dtype"] = name
-    return resolve_run(parse_config(d, "dtype override"))
-
-
-def _read_metric_lines(path, before_step: int) -> list[str]:
-    """The lines of metrics.jsonl with step < before_step (a torn last line is dropped)."""
-    import json
-
-    keep = []
-    if not path.is_file():
-        return keep
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] < before_step:
-            keep.append(line)
-    return keep
-
-
-def _rewrite_metrics(path, lines: list[str]) -> None:
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: bool = True) -> dict:
     """Train `run` into `out_dir` (metrics.jsonl, checkpoints/). Returns a summary.
 
@@ -335,7 +296,7 @@ def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: 
     if dtype is not None:
         name = dtype if isinstance(dtype, str) else {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
         torch_dtype(name)
-        run = _with_dtype(run, name)
+        run = with_dtype(run, name)
     cfg = run.cfg
     dt = torch_dtype(cfg.runtime.dtype)
     out = Path(out_dir)
@@ -349,7 +310,7 @@ def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: 
         state = load_checkpoint(ckpt, run, dt)
     else:
         state = make_state(run, None, dt)
-    _rewrite_metrics(metrics_path, _read_metric_lines(metrics_path, state.step))
+    rewrite_metrics(metrics_path, read_metric_lines(metrics_path, state.step))
     model = DecomposedModel(run, state.params, dt)
     if ckpt is None:
         warm = faithfulness_warmup(run, model, state.params)
