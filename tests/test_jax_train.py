@@ -75,7 +75,11 @@ def tms_config(weights: str, **over) -> dict:
         "loss_terms": [{"type": "faithfulness", "coeff": 1.0},
                        {"type": "importance_minimality", "coeff": 3e-3, "pnorm": 1.5, "beta": 0.2},
                        {"type": "stochastic_recon", "coeff": 1.0},
-                       {"type": "stochastic_recon_subset", "coeff": 0.5}],
+                       {"type": "stochastic_recon_subset", "coeff": 0.5},
+                       # S82/S84: persistent sources and their Adam moments/counter must resume
+                       # exactly (the (N+1)-th ascent after a resume equals the uninterrupted one)
+                       {"type": "persistent_pgd_recon", "coeff": 0.5, "scope": "c", "n_warmup": 1,
+                        "optimizer": {"type": "adam", "lr": {"start": 0.05}}}],
         "optim": {"components": {"lr": {"start": 1e-2, "kind": "cosine", "final_frac": 0.1}, "clip": 0.5},
                   "ci_fn": {"lr": {"start": 1e-2, "warmup_pct": 0.2, "kind": "linear"}}},
         "faithfulness_warmup": {"steps": 2, "lr": 1e-3},
