@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from contract.config import parse_config
+from contract.config import ConfigError, load_config, parse_config
 from contract.resolve import ResolvedRun, resolve_run
 
 
@@ -42,3 +42,25 @@ def rewrite_metrics(path: Path, lines: list[str]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def one_line(msg: str) -> str:
+    """A multi-line error message folded into one line for a CLI."""
+    parts = [p.strip() for p in str(msg).splitlines() if p.strip()]
+    if not parts:
+        return "unknown error"
+    head, rest = parts[0], parts[1:]
+    return head + (" " + "; ".join(rest) if rest else "")
+
+
+def load_run(config: str, steps: int | None = None, dtype: str | None = None, backend: str = "any") -> ResolvedRun:
+    """Load a config file, apply command-line overrides (recorded in the resolved config) and
+    resolve it (raises ConfigError / FileNotFoundError / ValueError)."""
+    d = load_config(config).to_dict()
+    if steps is not None:
+        if steps <= 0:
+            raise ConfigError(f"--steps: must be a positive integer (got {steps})")
+        d["steps"] = steps
+    if dtype is not None:
+        d["runtime"]["dtype"] = dtype
+    return resolve_run(parse_config(d, f"{config} (with command-line overrides)"), backend=backend)

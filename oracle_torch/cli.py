@@ -10,6 +10,8 @@ interrupted run (SIGINT/SIGTERM) saves a checkpoint and exits with 128 + signal 
 """
 from __future__ import annotations
 
+from contract import runlog
+
 import argparse
 import signal
 import sys
@@ -32,33 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _one_line(msg: str) -> str:
-    parts = [p.strip() for p in str(msg).splitlines() if p.strip()]
-    if not parts:
-        return "unknown error"
-    head, rest = parts[0], parts[1:]
-    return head + (" " + "; ".join(rest) if rest else "")
-
-
 def _error(msg: str) -> int:
-    print(f"{PROG}: error: {_one_line(msg)}", file=sys.stderr)
+    print(f"{PROG}: error: {runlog.one_line(msg)}", file=sys.stderr)
     return 2
 
 
 def load_run(config: str, steps: int | None = None, dtype: str | None = None):
-    """Load, override and resolve a config (raises ConfigError / FileNotFoundError / ValueError)."""
-    from contract.config import ConfigError, load_config, parse_config
-    from contract.resolve import resolve_run
-
-    d = load_config(config).to_dict()
-    if steps is not None:
-        if steps <= 0:
-            raise ConfigError(f"--steps: must be a positive integer (got {steps})")
-        d["steps"] = steps
-    if dtype is not None:
-        d["runtime"]["dtype"] = dtype
-    cfg = parse_config(d, f"{config} (with command-line overrides)")
-    return resolve_run(cfg, backend="torch")
+    return runlog.load_run(config, steps, dtype, backend="torch")
 
 
 def cmd_train(args) -> int:
