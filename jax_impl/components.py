@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from contract.resolve import ResolvedRun, Site
 from contract.targets import module_table
-from jax_impl.targets import frozen_site, load_frozen, target_forward
+from jax_impl.targets import frozen_product, frozen_site, load_frozen, target_forward
 
 
 @dataclass
@@ -54,17 +54,27 @@ class DecomposedModel:
             s = self.sites[name]
             V, U = params[f"components.{name}.V"], params[f"components.{name}.U"]
             a = inner_act(s, x, V)
-            y = (a * m.mask) @ U
-            if m.delta_mask is not None:
-                delta = self.weight(frozen, name) - V @ U
-                xd = delta[x] if s.kind == "embedding" else x @ delta
-                y = y + m.delta_mask[..., None] * xd
-            if s.kind == "linear" and s.has_bias:
-                y = y + frozen[f"{name}.bias"]
+            xw = None
+            if m.delta_mask is None:
+                y = (a * m.mask) @ U
+            else:
+                # S4b: m_Δ·x(W − VU) = m_Δ·xW + (xV ⊙ (−m_Δ))U: the delta path is the frozen
+                # product plus the components under mask m − m_Δ. Equal in exact arithmetic, with
+                # no [d_in, d_out] delta tensor and no backward through W − VU.
+                dm = m.delta_mask[..., None]
+                xw = frozen_product(frozen, info, x)
+                y = (a * (m.mask - dm)) @ U + dm * xw
+            bias = frozen[f"{name}.bias"] if s.kind == "linear" and s.has_bias else None
+            if bias is not None:
+                y = y + bias
             if m.route is None:
                 return y
-            # S6: routed-out positions take the frozen output itself
-            return jnp.where(m.route[..., None], y, frozen_site(frozen, info, x))
+            # S6: routed-out positions take the frozen output itself (the same xW + b as S5)
+            if xw is None:
+                frozen_out = frozen_site(frozen, info, x)
+            else:
+                frozen_out = xw if bias is None else xw + bias
+            return jnp.where(m.route[..., None], y, frozen_out)
         site.decomposed = frozenset(self.sites)  # lets the target refuse input embeddings with an embedding site
         return site
 

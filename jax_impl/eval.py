@@ -10,7 +10,7 @@ On one eval batch, every site live and routed everywhere:
 
 CI in eval is deterministic (no binomial noise). The only random draws are
 `eval.{site}.source` [..., C] and `eval.{site}.delta` [...] (`eval_draw_plan`). In production
-they come from `jax.random` keyed by `fold_in(fold_in(PRNGKey(seed + 1), step), j)` for eval
+they come from `jax.random` keyed by `fold_in(fold_in(prng_key(seed + 1), step), j)` for eval
 batch j of the eval at `step` (`eval_key`); the parity harness may pass explicit draws.
 Batch j of the eval at step k is eval-stream step `k * n_batches + j` (as in the oracle).
 """
@@ -30,6 +30,7 @@ from jax_impl.components import DecomposedModel, SiteMode, inner_act
 from jax_impl.losses import output_divergence
 from jax_impl.recon import bernoulli_from_uniform
 from jax_impl.sigmoids import ci_pair
+from jax_impl.train import prng_key
 
 EVAL_VARIANTS = ("ci", "stochastic", "unmasked", "rounded", "zero")
 
@@ -52,7 +53,7 @@ def eval_batch_shape(run: ResolvedRun) -> tuple[int, ...]:
 
 def eval_key(seed: int, step: int, j: int):
     """Production key of eval batch j of the eval at `step`: its own stream (seed + 1)."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed + 1), step), j)
+    return jax.random.fold_in(jax.random.fold_in(prng_key(seed + 1), step), j)
 
 
 def sample_eval_draws(plan: list[DrawSpec], key, dtype) -> dict:

@@ -9,6 +9,9 @@ from jax_impl.components import SiteMode
 from jax_impl.losses import output_divergence
 
 
+MASK_SOURCES = ("stochastic", "ci_masked", "unmasked")  # the adversaries are in jax_impl/adversary.py
+
+
 def route_from_uniforms(route_k, route_order):
     """S51: k = min(1 + floor(u n), n); site i routes iff fewer than k uniforms are below its own."""
     n = route_order.shape[-1]
@@ -59,18 +62,61 @@ def routes_of(modes: dict, live):
 
 
 def recon_term(run, model, frozen, params, term, batch, clean, ci_lower: dict, draws: dict, record=None, pins=None):
-    total, n = 0.0, 0
-    for ei, e in enumerate(term.entries):
-        for d in range(e.n_draws):
-            modes = site_modes(run, term, ei, d, ci_lower, draws, pins or {})
-            out = model.masked_forward(frozen, params, batch, modes)
-            if record is not None:
-                tag = f"t{term.index}.e{ei}.d{d}"
-                record[f"masked_out.{tag}"] = out
-                if e.routing == "uniform_k":
-                    record[f"route.{tag}"] = routes_of(modes, e.live)
-                for name, m in modes.items():
-                    record[f"mask.{tag}.{name}"] = m.mask
-            total = total + output_divergence(run.cfg.output_loss, out, clean)
-            n += 1
-    return total / n
+    return recon_terms(run, model, frozen, params, [term], batch, clean, ci_lower, draws, record, pins)[term.index]
+
+
+def stack_modes(modes_list: list[dict], names) -> dict:
+    """One SiteMode per site for forwards stacked along the batch axis. A forward routed
+    everywhere gets an all-True route when another forward of the stack is routed (S6:
+    `where(True, y, ·)` is y)."""
+    out = {}
+    for n in names:
+        ms = [m[n] for m in modes_list]
+        mask = jnp.concatenate([m.mask for m in ms])
+        dm = None if ms[0].delta_mask is None else jnp.concatenate([m.delta_mask for m in ms])
+        route = None
+        if any(m.route is not None for m in ms):
+            route = jnp.concatenate([m.route if m.route is not None else jnp.ones(m.mask.shape[:-1], bool) for m in ms])
+        out[n] = SiteMode(mask, dm, route)
+    return out
+
+
+def recon_terms(run, model, frozen, params, terms, batch, clean, ci_lower: dict, draws: dict, record=None, pins=None):
+    """{term index: value} for recon terms with mask sources (not the adversaries).
+
+    S29b: the masked forwards of all these terms that share their live sites and their delta
+    path run as ONE masked forward over the batch repeated along axis 0 (rows never mix in
+    a forward, so each slice is that forward's output); each term then averages its own
+    forwards' divergences in plan order, as the oracle's `recon_term` does."""
+    forwards = []  # (term, entry index, draw, modes)
+    for term in terms:
+        for ei, e in enumerate(term.entries):
+            for d in range(e.n_draws):
+                forwards.append((term, ei, d, site_modes(run, term, ei, d, ci_lower, draws, pins or {})))
+    groups: dict[tuple, list[int]] = {}
+    for i, (term, ei, _, modes) in enumerate(forwards):
+        key = (term.entries[ei].live, next(iter(modes.values())).delta_mask is not None)
+        groups.setdefault(key, []).append(i)
+    outs: dict[int, object] = {}
+    B = batch.shape[0]
+    for (live, _), idx in groups.items():
+        if len(idx) == 1:
+            outs[idx[0]] = model.masked_forward(frozen, params, batch, forwards[idx[0]][3])
+            continue
+        modes = stack_modes([forwards[i][3] for i in idx], live)
+        out = model.masked_forward(frozen, params, jnp.concatenate([batch] * len(idx)), modes)
+        for j, i in enumerate(idx):
+            outs[i] = out[j * B:(j + 1) * B]
+    values, counts = {}, {}
+    for i, (term, ei, d, modes) in enumerate(forwards):
+        e, out = term.entries[ei], outs[i]
+        if record is not None:
+            tag = f"t{term.index}.e{ei}.d{d}"
+            record[f"masked_out.{tag}"] = out
+            if e.routing == "uniform_k":
+                record[f"route.{tag}"] = routes_of(modes, e.live)
+            for name, m in modes.items():
+                record[f"mask.{tag}.{name}"] = m.mask
+        values[term.index] = values.get(term.index, 0.0) + output_divergence(run.cfg.output_loss, out, clean)
+        counts[term.index] = counts.get(term.index, 0) + 1
+    return {k: v / counts[k] for k, v in values.items()}

@@ -113,15 +113,20 @@ def load_frozen(weights_path: str | Path, dtype=jnp.float32) -> tuple[str, dict,
 # Sites
 
 
-def frozen_site(frozen: dict[str, jnp.ndarray], info: ModuleInfo, x: jnp.ndarray) -> jnp.ndarray:
-    """Frozen path of one decomposable module: ``x @ W (+ b)`` or the embedding lookup ``W[x]``."""
+def frozen_product(frozen: dict[str, jnp.ndarray], info: ModuleInfo, x: jnp.ndarray) -> jnp.ndarray:
+    """``x @ W`` without the bias, or the embedding lookup ``W[x]``."""
     w = frozen[f"{info.name}.weight"]
     if info.kind == "embedding":
         return jnp.take(w, x, axis=0)
     if info.kind != "linear":
         raise ValueError(f"module {info.name}: unknown module kind {info.kind!r}")
-    y = _mm(x, w)
-    if info.has_bias:
+    return _mm(x, w)
+
+
+def frozen_site(frozen: dict[str, jnp.ndarray], info: ModuleInfo, x: jnp.ndarray) -> jnp.ndarray:
+    """Frozen path of one decomposable module: ``x @ W (+ b)`` or the embedding lookup ``W[x]``."""
+    y = frozen_product(frozen, info, x)
+    if info.kind == "linear" and info.has_bias:
         y = y + frozen[f"{info.name}.bias"]
     return y
 

@@ -3,7 +3,7 @@ Mirrors oracle_torch/train.py: `make_state`, `hparams`, `sample_draws`,
 `faithfulness_warmup`, `clip_grad_norm`, `forward_terms`, `l0_per_site`, `train_step`.
 
 The step takes either explicit draws (parity) or samples the draw plan from
-`fold_in(PRNGKey(seed), step)` (production) — both go through `train_step_body`."""
+`fold_in(prng_key(seed), step)` (production) — both go through `train_step_body`."""
 from __future__ import annotations
 
 from functools import partial
@@ -25,7 +25,7 @@ from jax_impl.ci_fn import ci_logits
 from jax_impl.components import DecomposedModel, inner_act
 from jax_impl.losses import faithfulness, importance_minimality
 from jax_impl.mesh import Placement, make_data_mesh
-from jax_impl.recon import recon_term
+from jax_impl.recon import MASK_SOURCES, recon_terms
 from jax_impl.sigmoids import ci_pair
 
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
@@ -95,12 +95,25 @@ def hparams(cfg: RunConfig, step: int) -> dict[str, float]:
     return hp
 
 
+# S50: the production stream is JAX's own. Philox4x32-10 (counter-based, the generator of
+# cuRAND and of torch on CUDA): on CPU it samples a step's draw plan ~4x faster than the
+# default threefry, whose CPU lowering is a rolled loop.
+PRNG_IMPL = "philox4x32"
+
+
+def prng_key(seed: int):
+    """The production key of a seed (typed key, PRNG_IMPL)."""
+    return jax.random.key(seed, impl=PRNG_IMPL)
+
+
 def sample_draws(plan: list[DrawSpec], key, dtype) -> dict:
     """Production sampling of the draw plan inside the step, keyed by fold_in(seed, step)."""
     # one generator call for the whole plan, sliced per named tensor (one call per draw
     # multiplies the compiled program; the stream need not match the oracle's, S50)
     sizes = [int(np.prod(d.shape)) for d in plan]
-    flat = jax.random.uniform(key, (sum(sizes),), dtype)
+    # the barrier materialises the draws once: otherwise XLA fuses the generator into every
+    # consumer of a draw, recomputing it in the forward and again in the backward
+    flat = jax.lax.optimization_barrier(jax.random.uniform(key, (sum(sizes),), dtype))
     out, i = {}, 0
     for d, n in zip(plan, sizes):
         out[d.name] = flat[i:i + n].reshape(d.shape)
@@ -166,6 +179,8 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict
             record[f"ci_lower.{s.name}"] = ci_lower[s.name]
             record[f"ci_upper.{s.name}"] = ci_upper[s.name]
     recon = {t.index: t for t in run.recon_terms}
+    masked = recon_terms(run, model, frozen, params, [t for t in run.recon_terms if t.source in MASK_SOURCES],
+                         batch, clean, ci_lower, draws, record, pins)
     terms, total = {}, 0.0
     for i, t in enumerate(cfg.loss_terms):
         if t.type == "faithfulness":  # from the masters (fp32 at least, S70)
@@ -178,7 +193,7 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict
             v = persistent_pgd_term(run, model, frozen, params, recon[i], batch, clean, ci_lower,
                                     sources[recon[i].bundle], draws, record, pins)
         else:
-            v = recon_term(run, model, frozen, params, recon[i], batch, clean, ci_lower, draws, record, pins)
+            v = masked[i]
         terms[term_key(i, t)] = v
         total = total + t.coeff * v
     if record is not None:
@@ -316,7 +331,7 @@ class Stepper:
     def step_with_key(self, state, batch, step: int):
         if self.placement is not None:
             batch = self.placement.put(batch)
-        return self._key(state, self.model.frozen, batch, jax.random.PRNGKey(self.run.cfg.seed), self.hp(step))
+        return self._key(state, self.model.frozen, batch, prng_key(self.run.cfg.seed), self.hp(step))
 
 
 # ---------------------------------------------------------------- the training loop
@@ -412,7 +427,7 @@ def train(run: ResolvedRun, out_dir, dtype=None, resume: bool = True, progress: 
       params before step k (every `eval.every` steps); a final line `{"step": steps, eval}`
       evaluates the trained params. On resume from a checkpoint at step k (k steps done)
       lines with step >= k are dropped first, so the file matches an uninterrupted run.
-    - Production draws: `fold_in(PRNGKey(seed), step)` (training), `eval_key(seed, step, j)`
+    - Production draws: `fold_in(prng_key(seed), step)` (training), `eval_key(seed, step, j)`
       (eval); batches `contract.data.batch_for_step` — all pure functions of (seed, step), so a
       resumed run reproduces the uninterrupted one bit for bit.
     - Checkpoints every `checkpoint.every` steps and at the end. SIGINT/SIGTERM stop the run

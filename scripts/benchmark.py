@@ -5,7 +5,7 @@
 
 For each config, in ONE process: steady-state training steps per second of
 - the JAX trainer: `Stepper.step_with_key` (production path: draws sampled inside the jitted
-  step from fold_in(PRNGKey(seed), step)), timed after compilation with block_until_ready;
+  step from fold_in(prng_key(seed), step)), timed after compilation with block_until_ready;
 - the torch oracle: `train_step` with production draws (`draws_for_step`, a torch generator);
 plus the JAX compile time (first call = trace + compile + one step). Both run the config's own
 shapes in float32 from the same initial state; batches are made beforehand for both (the data

@@ -7,7 +7,7 @@ jax_impl/cli.py), on a tiny TMS target written to tmp_path.
 - DESIGN "Checkpoints carry the resolved config": a resume under another config is refused
   with a field-by-field diff (library and CLI);
 - S1: the CLI turns a bad config into one line on stderr and exit code 2;
-- S50: the production step (draws from fold_in(PRNGKey(seed), step)) is deterministic per
+- S50: the production step (draws from fold_in(prng_key(seed), step)) is deterministic per
   (seed, step), and different steps draw differently;
 - S70: float64 through the CLI (jax_enable_x64 set before any JAX computation), in a
   subprocess because the flag is process-global.
@@ -249,9 +249,9 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, tiny, problem, capsys):
 
 
 def test_production_step_is_deterministic_per_seed_and_step(tiny):
-    # S50: production draws come from fold_in(PRNGKey(seed), step) inside the step: the same
+    # S50: production draws come from fold_in(prng_key(seed), step) inside the step: the same
     # (seed, step, state, batch) gives the same result bit for bit; another step draws anew.
-    from jax_impl.train import make_state, runtime_for
+    from jax_impl.train import make_state, prng_key, runtime_for
     _, cfg = tiny
     run, model, stepper = runtime_for(_run(cfg), F32)  # the loop's own compiled step (Stepper)
     batch = jnp.asarray(batch_for_step(run, run.cfg.seed, 0), F32)
@@ -267,7 +267,7 @@ def test_production_step_is_deterministic_per_seed_and_step(tiny):
     assert float(m0["loss/0.faithfulness"]) == float(m2["loss/0.faithfulness"])  # draw-free term agrees
     # a different seed is a different stream (the seed's key is an argument of the same compiled step)
     st = make_state(run, None, F32)
-    s3, m3 = stepper._key(st, model.frozen, batch, jax.random.PRNGKey(cfg["seed"] + 1), stepper.hp(0))
+    s3, m3 = stepper._key(st, model.frozen, batch, prng_key(cfg["seed"] + 1), stepper.hp(0))
     assert float(m3["loss/2.stochastic_recon"]) != float(m0["loss/2.stochastic_recon"])
 
 
