@@ -51,6 +51,14 @@ class DecomposedModel:
             info = self.modules[name]
             if m is None:  # S5: a non-live site runs the frozen path exactly
                 return frozen_site(frozen, info, x)
+            # a live site runs on positions flattened to one axis (2-D matmuls: XLA's CPU
+            # backward of a rank-3 matmul transposes its activations through copies)
+            lead = x.shape if info.kind == "embedding" else x.shape[:-1]
+            y = live_site(name, x.reshape((-1,) + x.shape[len(lead):]), flat_mode(m, lead))
+            return y.reshape(lead + y.shape[1:])
+
+        def live_site(name, x, m: SiteMode):
+            info = self.modules[name]
             s = self.sites[name]
             V, U = params[f"components.{name}.V"], params[f"components.{name}.U"]
             a = inner_act(s, x, V)
@@ -86,3 +94,11 @@ class DecomposedModel:
 
     def masked_forward(self, frozen, params, batch, modes: dict):
         return target_forward(self.kind, self.target_cfg, frozen, batch, self._site_fn(frozen, params, modes, None))
+
+
+def flat_mode(m: SiteMode, lead: tuple) -> SiteMode:
+    """The SiteMode over positions `lead` flattened: mask [N, C], delta_mask [N], route [N]
+    (adversarial sources may be shared over positions, so they are broadcast first)."""
+    flat = lambda t: None if t is None else jnp.broadcast_to(t, lead).reshape(-1)
+    mask = jnp.broadcast_to(m.mask, lead + m.mask.shape[-1:])
+    return SiteMode(mask.reshape(-1, mask.shape[-1]), flat(m.delta_mask), flat(m.route))

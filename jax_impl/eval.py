@@ -51,9 +51,10 @@ def eval_batch_shape(run: ResolvedRun) -> tuple[int, ...]:
     return (B, run.cfg.data.seq_len) if run.cfg.target.kind == "llama" else (B,)
 
 
-def eval_key(seed: int, step: int, j: int):
-    """Production key of eval batch j of the eval at `step`: its own stream (seed + 1)."""
-    return jax.random.fold_in(jax.random.fold_in(prng_key(seed + 1), step), j)
+def eval_key(seed: int, step: int, j: int, mesh_data: int = 1):
+    """Production key of eval batch j of the eval at `step`: its own stream (seed + 1); the
+    generator follows the mesh as in training (S50)."""
+    return jax.random.fold_in(jax.random.fold_in(prng_key(seed + 1, mesh_data), step), j)
 
 
 def sample_eval_draws(plan: list[DrawSpec], key, dtype) -> dict:
@@ -171,7 +172,7 @@ def evaluate_device(run: ResolvedRun, model: DecomposedModel, params: dict, step
     acc: dict = {}
     for j in range(n):
         b = batch_for_step(run, cfg.seed, step * n + j, batch=cfg.eval.batch_size, split="eval")
-        m = eval_metrics_with_key(run, model, model.frozen, params, to_jax_batch(b, dtype), eval_key(cfg.seed, step, j), dtype)
+        m = eval_metrics_with_key(run, model, model.frozen, params, to_jax_batch(b, dtype), eval_key(cfg.seed, step, j, cfg.runtime.mesh.data), dtype)
         acc = m if j == 0 else {k: acc[k] + v for k, v in m.items()}
     return acc if n == 1 else {k: v / n for k, v in acc.items()}
 

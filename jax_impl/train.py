@@ -95,15 +95,17 @@ def hparams(cfg: RunConfig, step: int) -> dict[str, float]:
     return hp
 
 
-# S50: the production stream is JAX's own. Philox4x32-10 (counter-based, the generator of
-# cuRAND and of torch on CUDA): on CPU it samples a step's draw plan ~4x faster than the
-# default threefry, whose CPU lowering is a rolled loop.
+# S50: the production stream is JAX's own. On one device: Philox4x32-10 (counter-based, the
+# generator of cuRAND and of torch on CUDA), which samples a step's draw plan ~4x faster on
+# CPU than threefry (whose CPU lowering is a rolled loop). XLA cannot partition Philox, so a
+# step on a device mesh (runtime.mesh.data > 1) keys threefry instead.
 PRNG_IMPL = "philox4x32"
+MESH_PRNG_IMPL = "threefry2x32"
 
 
-def prng_key(seed: int):
-    """The production key of a seed (typed key, PRNG_IMPL)."""
-    return jax.random.key(seed, impl=PRNG_IMPL)
+def prng_key(seed: int, mesh_data: int = 1):
+    """The production key of a seed (a typed key; the generator follows the mesh, S50)."""
+    return jax.random.key(seed, impl=PRNG_IMPL if mesh_data == 1 else MESH_PRNG_IMPL)
 
 
 def sample_draws(plan: list[DrawSpec], key, dtype) -> dict:
@@ -331,7 +333,7 @@ class Stepper:
     def step_with_key(self, state, batch, step: int):
         if self.placement is not None:
             batch = self.placement.put(batch)
-        return self._key(state, self.model.frozen, batch, prng_key(self.run.cfg.seed), self.hp(step))
+        return self._key(state, self.model.frozen, batch, prng_key(self.run.cfg.seed, self.run.cfg.runtime.mesh.data), self.hp(step))
 
 
 # ---------------------------------------------------------------- the training loop
