@@ -1,0 +1,44 @@
+"""The two performance scripts run and report numbers (they are tools, not timed tests:
+nothing here asserts a speed)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from contract.targets import REPO_ROOT
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+    env.pop("JAX_ENABLE_X64", None)
+    return subprocess.run([sys.executable, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_benchmark_reports_both_backends(tmp_path):
+    out = tmp_path / "bench.json"
+    p = _run(["scripts/benchmark.py", "--configs", "tms_5-2", "--steps", "3", "--warmup", "1", "--json", str(out)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert row["config"] == "tms_5-2"
+    assert row["jax"]["steps"] == 3 and row["oracle"]["steps"] == 3
+    assert row["jax"]["steps_per_s"] > 0 and row["oracle"]["steps_per_s"] > 0 and row["jax"]["compile_s"] > 0
+    assert abs(row["ratio"] - row["jax"]["steps_per_s"] / row["oracle"]["steps_per_s"]) < 1e-9
+    assert "tms_5-2" in p.stdout and "JAX/oracle" in p.stdout
+
+
+def test_profile_step_prints_op_tables():
+    p = _run(["scripts/profile_step.py", "tms_5-2", "--steps", "2", "--top", "3"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("tms_5-2 (float32): wall ") and "ms/step" in lines[0]
+    assert "op kind" in p.stdout and "slowest ops" in p.stdout
+    # at least one timed op row under each table
+    assert sum(1 for ln in lines if ln.strip() and ln.split()[0].replace(".", "").isdigit()) >= 3
+
+
+def test_profile_step_names_a_missing_config():
+    p = _run(["scripts/profile_step.py", "no_such_config"])
+    assert p.returncode != 0 and "no_such_config" in p.stderr
