@@ -49,8 +49,21 @@ def load_tokens(source: str, token_file: str | None) -> np.ndarray:
             raise ValueError(f"data.token_file: {path} holds {arr.dtype}, expected integer token ids")
         return arr.reshape(-1).astype(np.int64)
     if path.suffix == ".bin":
+        if path.stat().st_size % 2:
+            raise ValueError(f"data.token_file: {path} has {path.stat().st_size} bytes, not a whole number of "
+                             "uint16 token ids")
         return np.fromfile(path, dtype=np.uint16).astype(np.int64)
     raise ValueError(f"data.token_file: {path} must end in .npy or .bin")
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+    """Every id in [0, vocab_size): torch raises on an out-of-range embedding index where JAX
+    clamps it, so a bad id would make the two backends train on different inputs."""
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{where}: token id {int(tokens[i])} at position {i} is outside the target's "
+                         f"vocabulary [0, {vocab_size}) ({int(bad.sum())} such ids)")
 
 
 def token_windows(tokens: np.ndarray, seed: int, step: int, batch: int, seq_len: int) -> np.ndarray:

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from contract.config import parse_config
+from contract.config import ConfigError, parse_config
+from contract.resolve import resolve_run
 from contract.data import (batch_for_step, load_tokens, rank_slice, resid_mlp_batch, sparse_features,
                            tms_batch, token_windows)
 
@@ -203,3 +204,38 @@ def test_batch_for_step_eval_split_differs(tmp_path):
     assert not np.array_equal(tr, ev)
     assert np.array_equal(ev, batch_for_step(run, 0, 1, split="eval"))
     assert batch_for_step(run, 0, 1, batch=8).shape == (8, 5)
+
+
+def _llama_token_run(token_file: Path):
+    from contract.config import load_config
+    from contract.targets import REPO_ROOT
+
+    d = load_config(REPO_ROOT / "configs" / "tiny_llama.yaml").to_dict()
+    d["data"] = {"source": "token_file", "token_file": str(token_file), "seq_len": 8}
+    return resolve_run(parse_config(d))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_at_resolve(tmp_path):
+    # guards: torch raises on an out-of-range embedding index where JAX clamps it; the id is
+    # refused before either backend sees it, with the file, the id, its position and the vocab
+    toks = np.arange(100) % 256
+    ok = tmp_path / "ok.npy"
+    np.save(ok, toks)
+    assert _llama_token_run(ok).cfg.data.token_file == str(ok)
+    for bad_id, name in ((300, "high.npy"), (-1, "negative.npy")):
+        t = toks.copy()
+        t[37] = bad_id
+        np.save(tmp_path / name, t)
+        with pytest.raises(ConfigError) as e:
+            _llama_token_run(tmp_path / name)
+        msg = str(e.value)
+        assert msg.startswith("data.token_file") and name in msg
+        assert f"token id {bad_id} at position 37" in msg and "[0, 256)" in msg
+
+
+def test_a_bin_token_file_with_an_odd_byte_count_is_refused(tmp_path):
+    f = tmp_path / "odd.bin"
+    f.write_bytes(np.arange(50, dtype=np.uint16).tobytes() + b"\x01")
+    with pytest.raises(ConfigError) as e:
+        _llama_token_run(f)
+    assert "odd.bin" in str(e.value) and "101 bytes" in str(e.value)
