@@ -56,14 +56,37 @@ def load_tokens(source: str, token_file: str | None) -> np.ndarray:
     raise ValueError(f"data.token_file: {path} must end in .npy or .bin")
 
 
-def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, offset: int = 0) -> None:
     """Every id in [0, vocab_size): torch raises on an out-of-range embedding index where JAX
-    clamps it, so a bad id would make the two backends train on different inputs."""
+    clamps it, so a bad id would make the two backends train on different inputs (S63)."""
     bad = (tokens < 0) | (tokens >= vocab_size)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"{where}: token id {int(tokens[i])} at position {i} is outside the target's "
-                         f"vocabulary [0, {vocab_size}) ({int(bad.sum())} such ids)")
+        raise ValueError(f"{where}: token id {int(tokens[i])} at position {offset + i} is outside the target's "
+                         f"vocabulary [0, {vocab_size})")
+
+
+def check_token_file(token_file: str, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """S63 at resolve time: the file's ids, read through a memory map in chunks (no copy of
+    the stream). A missing file is left to the loader, which names it when the data is read."""
+    path = resolve_path(token_file)
+    if not path.is_file():
+        return
+    where = f"data.token_file ({path})"
+    if path.suffix == ".npy":
+        arr = np.load(path, mmap_mode="r")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{where}: holds {arr.dtype}, expected integer token ids")
+    elif path.suffix == ".bin":
+        size = path.stat().st_size
+        if size % 2 or size == 0:
+            raise ValueError(f"{where}: has {size} bytes, not a whole, nonzero number of uint16 token ids")
+        arr = np.memmap(path, dtype=np.uint16, mode="r")
+    else:
+        raise ValueError(f"{where}: must end in .npy or .bin")
+    flat = arr.reshape(-1)
+    for i in range(0, flat.shape[0], chunk):
+        check_token_ids(np.asarray(flat[i:i + chunk]), vocab_size, where, offset=i)
 
 
 def token_windows(tokens: np.ndarray, seed: int, step: int, batch: int, seq_len: int) -> np.ndarray:

@@ -112,11 +112,10 @@ def resolve_run(cfg: RunConfig, backend: str = "any") -> ResolvedRun:
         if cfg.data.source == "features":
             raise ConfigError("data.source: the llama target reads 'corpus' or 'token_file'")
         if cfg.data.source == "token_file":  # refused before any backend embeds an id (S63)
-            from contract.data import check_token_ids, load_tokens
+            from contract.data import check_token_file
             try:
-                check_token_ids(load_tokens("token_file", cfg.data.token_file), meta["config"]["vocab_size"],
-                                f"data.token_file ({cfg.data.token_file})")
-            except (ValueError, FileNotFoundError) as e:
+                check_token_file(cfg.data.token_file, meta["config"]["vocab_size"])
+            except (ValueError, OSError) as e:
                 raise ConfigError(str(e)) from None
     else:
         if cfg.data.source != "features":

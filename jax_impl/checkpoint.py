@@ -135,6 +135,7 @@ def save_checkpoint(out_dir: str | Path, state: dict, run: ResolvedRun, step: in
         "config_hash": run.cfg.hash(),
         "dtype": _dtype_name(dtype),
         "target_sha256": target_sha256(run),
+        "prng_impl": production_prng_impl(run),
         "param_order": list(state["params"]),
         "versions": _versions(),
         "platform": platform.platform(),
@@ -185,10 +186,21 @@ def check_compatible(meta: dict, run: ResolvedRun, dtype, path: Path) -> None:
                           "\nuse the checkpoint's config, or start afresh (--no-resume / another --out)")
     if meta.get("dtype") != _dtype_name(dtype):
         raise ConfigError(f"cannot resume from {path}: it holds a {meta.get('dtype')} state, this run is {_dtype_name(dtype)}")
+    # S50: the production draws of the remaining steps come from this generator; a checkpoint
+    # without the field predates Philox and drew with threefry
+    have, want = meta.get("prng_impl", "threefry2x32"), production_prng_impl(run)
+    if have != want:
+        raise ConfigError(f"cannot resume from {path}: its run drew with the {have} generator, this trainer draws "
+                          f"with {want}, so the resumed run would not reproduce it; start afresh (--no-resume / another --out)")
     sha = target_sha256(run)
     if meta.get("target_sha256") not in (None, sha):
         raise ConfigError(f"cannot resume from {path}: the target weights {run.cfg.target.weights} changed since it was written "
                           f"(sha256 {meta['target_sha256'][:12]}… -> {sha[:12]}…)")
+
+
+def production_prng_impl(run: ResolvedRun) -> str:
+    from jax_impl.train import prng_impl
+    return prng_impl(run.cfg.runtime.mesh.data)
 
 
 def abstract_state(run: ResolvedRun, dtype) -> dict:

@@ -1,5 +1,6 @@
 """Recon terms as plan x mask-source strategy (ALGORITHM §5; SPEC S25-S29). Mirrors
-oracle_torch/recon.py."""
+oracle_torch/recon.py, except that the oracle's per-term `recon_term` is `recon_terms` here:
+all mask-source terms of a step together, their same-shape forwards stacked (S28b)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -52,17 +53,13 @@ def site_modes(run, term, ei: int, d: int, ci_lower: dict, draws: dict, pins: di
         else:
             raise ValueError(f"loss_terms.{term.index}: source {term.source!r} is not implemented")
         if f"mask.{tag}.{name}" in pins:
-            modes[name].mask = pins[f"mask.{tag}.{name}"]
+            modes[name].mask = pins[f"mask.{tag}.{name}"].astype(ci.dtype)
     return modes
 
 
 def routes_of(modes: dict, live):
     """The routes of one forward, bool [..., n_live]."""
     return jnp.stack([modes[n].route for n in live], -1)
-
-
-def recon_term(run, model, frozen, params, term, batch, clean, ci_lower: dict, draws: dict, record=None, pins=None):
-    return recon_terms(run, model, frozen, params, [term], batch, clean, ci_lower, draws, record, pins)[term.index]
 
 
 def stack_modes(modes_list: list[dict], names) -> dict:
@@ -84,7 +81,7 @@ def stack_modes(modes_list: list[dict], names) -> dict:
 def recon_terms(run, model, frozen, params, terms, batch, clean, ci_lower: dict, draws: dict, record=None, pins=None):
     """{term index: value} for recon terms with mask sources (not the adversaries).
 
-    S29b: the masked forwards of all these terms that share their live sites and their delta
+    S28b: the masked forwards of all these terms that share their live sites and their delta
     path run as ONE masked forward over the batch repeated along axis 0 (rows never mix in
     a forward, so each slice is that forward's output); each term then averages its own
     forwards' divergences in plan order, as the oracle's `recon_term` does."""

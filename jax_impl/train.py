@@ -103,9 +103,13 @@ PRNG_IMPL = "philox4x32"
 MESH_PRNG_IMPL = "threefry2x32"
 
 
+def prng_impl(mesh_data: int = 1) -> str:
+    return PRNG_IMPL if mesh_data == 1 else MESH_PRNG_IMPL
+
+
 def prng_key(seed: int, mesh_data: int = 1):
     """The production key of a seed (a typed key; the generator follows the mesh, S50)."""
-    return jax.random.key(seed, impl=PRNG_IMPL if mesh_data == 1 else MESH_PRNG_IMPL)
+    return jax.random.key(seed, impl=prng_impl(mesh_data))
 
 
 def sample_draws(plan: list[DrawSpec], key, dtype) -> dict:
@@ -194,8 +198,10 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict
         elif recon[i].source == "persistent_pgd":
             v = persistent_pgd_term(run, model, frozen, params, recon[i], batch, clean, ci_lower,
                                     sources[recon[i].bundle], draws, record, pins)
-        else:
+        elif recon[i].source in MASK_SOURCES:
             v = masked[i]
+        else:
+            raise ValueError(f"loss_terms.{i}: source {recon[i].source!r} is not implemented")
         terms[term_key(i, t)] = v
         total = total + t.coeff * v
     if record is not None:

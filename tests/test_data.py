@@ -231,6 +231,14 @@ def test_token_ids_outside_the_vocabulary_are_refused_at_resolve(tmp_path):
         msg = str(e.value)
         assert msg.startswith("data.token_file") and name in msg
         assert f"token id {bad_id} at position 37" in msg and "[0, 256)" in msg
+    # the file is read in chunks: a bad id in a later chunk is found with its global position
+    from contract.data import check_token_file
+    t = toks.copy()
+    t[93] = 999
+    np.save(tmp_path / "late.npy", t)
+    with pytest.raises(ValueError, match="token id 999 at position 93"):
+        check_token_file(str(tmp_path / "late.npy"), 256, chunk=10)
+    check_token_file(str(ok), 256, chunk=10)
 
 
 def test_a_bin_token_file_with_an_odd_byte_count_is_refused(tmp_path):
@@ -239,3 +247,11 @@ def test_a_bin_token_file_with_an_odd_byte_count_is_refused(tmp_path):
     with pytest.raises(ConfigError) as e:
         _llama_token_run(f)
     assert "odd.bin" in str(e.value) and "101 bytes" in str(e.value)
+
+
+def test_a_missing_token_file_is_named_when_the_data_is_read(tmp_path):
+    # resolve leaves a missing file to the loader (a stored config can be re-resolved where
+    # its data is absent, e.g. to read a checkpoint); reading a batch names the field and path
+    run = _llama_token_run(tmp_path / "absent.npy")
+    with pytest.raises(FileNotFoundError, match="data.token_file: file not found: .*absent.npy"):
+        batch_for_step(run, 0, 0)

@@ -40,9 +40,10 @@ def trajectory(name: str, n: int) -> list[dict]:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["traj_tms_ppgd.64"])
+@pytest.mark.parametrize("name", ["traj_tms_ppgd.64", "traj_resid.64"])
 def test_trajectory_invariant_to_device_count(name):
-    # guards S91, S22 (global imp-min sums), S81 (shared-scope source gradients), S62
+    # guards S91, S22 (global imp-min sums), S81 (shared-scope source gradients), S62; traj_resid
+    # stacks a routed and an unrouted forward along the sharded batch axis (S28b)
     ref = trajectory(name, 1)
     for n in (2, 4, 8):
         got = trajectory(name, n)

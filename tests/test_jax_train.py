@@ -142,6 +142,7 @@ def test_uninterrupted_run_outputs(tiny, uninterrupted):
     run = _run(cfg)
     meta = read_meta(cks[-1])
     assert meta["config"] == run.cfg.to_dict() and meta["step"] == 6 and meta["dtype"] == "float32"
+    assert meta["prng_impl"] == "philox4x32"  # S50: the production generator of one device
     assert json.loads((cks[-1] / "meta.json").read_text())["config_hash"] == run.cfg.hash()
     st = load_checkpoint(cks[-1], run, F32)
     want = abstract_state(run, F32)
@@ -220,6 +221,20 @@ def test_resume_under_another_config_is_refused_with_a_diff(tiny, uninterrupted,
     assert len(err) == 1 and err[0].startswith("vpd-train: error: cannot resume") and "loss_terms.2.coeff" in err[0]
     # the refused run did not touch the run dir
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000004", "step_00000006"]
+
+
+def test_resume_under_another_generator_is_refused(tiny, uninterrupted):
+    # S50/S91: the remaining steps' draws come from the checkpoint's generator; a checkpoint
+    # without the field predates Philox (threefry), and resuming it would not reproduce the run
+    from jax_impl.checkpoint import check_compatible, list_checkpoints, read_meta
+    _, cfg = tiny
+    out, _ = uninterrupted
+    ck = list_checkpoints(out)[-1]
+    meta = read_meta(ck)
+    check_compatible(meta, _run(cfg), F32, ck)  # its own generator: accepted
+    for old in ({k: v for k, v in meta.items() if k != "prng_impl"}, meta | {"prng_impl": "threefry2x32"}):
+        with pytest.raises(ConfigError, match="drew with the threefry2x32 generator, this trainer draws with philox4x32"):
+            check_compatible(old, _run(cfg), F32, ck)
 
 
 @pytest.mark.parametrize("problem", ["unknown_field", "bad_value", "missing_file", "missing_target", "not_yaml"])
