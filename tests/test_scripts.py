@@ -19,13 +19,17 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 def test_benchmark_reports_both_backends(tmp_path):
     out = tmp_path / "bench.json"
-    p = _run(["scripts/benchmark.py", "--configs", "tms_5-2", "--steps", "3", "--warmup", "1", "--json", str(out)])
+    p = _run(["scripts/benchmark.py", "--configs", "tms_5-2", "--steps", "3", "--rounds", "2", "--warmup", "1",
+              "--json", str(out)])
     assert p.returncode == 0, p.stderr[-2000:]
     (row,) = json.loads(out.read_text())
     assert row["config"] == "tms_5-2"
     assert row["jax"]["steps"] == 3 and row["oracle"]["steps"] == 3
-    assert row["jax"]["steps_per_s"] > 0 and row["oracle"]["steps_per_s"] > 0 and row["jax"]["compile_s"] > 0
+    assert len(row["jax"]["seconds"]) == len(row["oracle"]["seconds"]) == len(row["ratio_per_round"]) == 2
+    assert row["jax"]["steps_per_s"] == 3 / min(row["jax"]["seconds"]) and row["jax"]["compile_s"] > 0
     assert abs(row["ratio"] - row["jax"]["steps_per_s"] / row["oracle"]["steps_per_s"]) < 1e-9
+    assert row["ratio_per_round"] == sorted(o / j for j, o in zip(row["jax"]["seconds"], row["oracle"]["seconds"]))
+    assert all(abs(x) < 1e3 for x in (row["jax"]["loss"], row["oracle"]["loss"]))
     assert "tms_5-2" in p.stdout and "JAX/oracle" in p.stdout
 
 
