@@ -10,6 +10,9 @@ from jax_impl.components import SiteMode
 from jax_impl.losses import output_divergence
 
 
+# S28b: at most this many forwards per stacked call; a stack multiplies the activation memory
+# of one forward by its size (n_mask_samples x terms can be large)
+MAX_STACK = 4
 MASK_SOURCES = ("stochastic", "ci_masked", "unmasked")  # the adversaries are in jax_impl/adversary.py
 
 
@@ -96,7 +99,8 @@ def recon_terms(run, model, frozen, params, terms, batch, clean, ci_lower: dict,
         groups.setdefault(key, []).append(i)
     outs: dict[int, object] = {}
     B = batch.shape[0]
-    for (live, _), idx in groups.items():
+    stacks = [(live, idx[k:k + MAX_STACK]) for (live, _), idx in groups.items() for k in range(0, len(idx), MAX_STACK)]
+    for live, idx in stacks:
         if len(idx) == 1:
             outs[idx[0]] = model.masked_forward(frozen, params, batch, forwards[idx[0]][3])
             continue

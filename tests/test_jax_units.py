@@ -368,3 +368,44 @@ def test_next_token_ce():
 
     expected = sum(-logsm(lg[b, t])[int(tok[b, t + 1])] for b in range(2) for t in range(3)) / 6
     assert float(next_token_ce(logits, tok)) == pytest.approx(expected, rel=REL)
+
+
+def test_stacked_forwards_equal_one_forward_each(monkeypatch):
+    # S28b: stacking same-shape forwards (at most MAX_STACK a call) changes no term and no
+    # gradient beyond reassociation; tms_all_terms has every plain plan x source and two
+    # draws per stochastic entry, so stacks of 4 (stochastic) and 2 (CI-masked/unmasked) form
+    import jax_impl.recon as recon
+    from jax_impl.train import forward_terms, hparams, sample_draws, prng_key
+    from contract.draws import draw_plan
+    from parity.cases import CASES
+
+    run = resolve_run(parse_config(CASES["tms_all_terms"].config_dict()))
+    model = DecomposedModel(run, F32)
+    params = make_state(run, None, F32)["params"]
+    batch = jnp.asarray(np.random.default_rng(0).uniform(size=run.batch_shape + (5,)), F32)
+    draws = sample_draws(draw_plan(run), jax.random.fold_in(prng_key(0), 3), F32)
+    hp = {k: jnp.asarray(v, F32) for k, v in hparams(run.cfg, 0).items()}
+    calls = []
+    real = model.masked_forward
+
+    def counting(frozen, p, b, modes):
+        calls.append(b.shape[0])
+        return real(frozen, p, b, modes)
+
+    monkeypatch.setattr(model, "masked_forward", counting)
+
+    def terms_and_grads(max_stack):
+        monkeypatch.setattr(recon, "MAX_STACK", max_stack)
+        calls.clear()
+        f = lambda p: forward_terms(run, model, model.frozen, p, batch, draws, hp)
+        (total, (terms, _)), g = jax.value_and_grad(f, has_aux=True)(params)
+        return terms, g, list(calls)
+
+    t1, g1, c1 = terms_and_grads(1)
+    t4, g4, c4 = terms_and_grads(4)
+    B = run.batch_shape[0]
+    assert max(c1) == B and max(c4) == 4 * B and len(c4) < len(c1)  # stacks really formed
+    for k in t1:
+        assert float(t4[k]) == pytest.approx(float(t1[k]), rel=1e-6, abs=1e-9), k
+    for k in g1:
+        np.testing.assert_allclose(np.asarray(g4[k]), np.asarray(g1[k]), rtol=1e-4, atol=1e-7, err_msg=k)
