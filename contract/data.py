@@ -33,6 +33,23 @@ def resid_mlp_batch(seed: int, step: int, batch: int, cfg: dict, p: float | None
     return sparse_features(seed, step, batch, cfg["n_features"], p or cfg["feature_probability"], -1.0)
 
 
+def _mapped_token_file(path: Path) -> np.ndarray:
+    """A user token file as a flat read-only memory map, its format checked (S63):
+    `.npy` of integers, or raw uint16 `.bin` with an even, nonzero byte count."""
+    where = f"data.token_file ({path})"
+    if path.suffix == ".npy":
+        arr = np.load(path, mmap_mode="r")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{where}: holds {arr.dtype}, expected integer token ids")
+        return arr.reshape(-1)
+    if path.suffix == ".bin":
+        size = path.stat().st_size
+        if size % 2 or size == 0:
+            raise ValueError(f"{where}: has {size} bytes, not a whole, nonzero number of uint16 token ids")
+        return np.memmap(path, dtype=np.uint16, mode="r")
+    raise ValueError(f"{where}: must end in .npy or .bin")
+
+
 @lru_cache(maxsize=4)
 def load_tokens(source: str, token_file: str | None) -> np.ndarray:
     """All tokens of the stream as int64. 'corpus' = the project's generated corpus
@@ -43,17 +60,7 @@ def load_tokens(source: str, token_file: str | None) -> np.ndarray:
     path = resolve_path(token_file)
     if not path.is_file():
         raise FileNotFoundError(f"data.token_file: file not found: {path}")
-    if path.suffix == ".npy":
-        arr = np.load(path)
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"data.token_file: {path} holds {arr.dtype}, expected integer token ids")
-        return arr.reshape(-1).astype(np.int64)
-    if path.suffix == ".bin":
-        if path.stat().st_size % 2:
-            raise ValueError(f"data.token_file: {path} has {path.stat().st_size} bytes, not a whole number of "
-                             "uint16 token ids")
-        return np.fromfile(path, dtype=np.uint16).astype(np.int64)
-    raise ValueError(f"data.token_file: {path} must end in .npy or .bin")
+    return np.asarray(_mapped_token_file(path)).astype(np.int64)
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, offset: int = 0) -> None:
@@ -67,26 +74,14 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, offset: int
 
 
 def check_token_file(token_file: str, vocab_size: int, chunk: int = 1 << 24) -> None:
-    """S63 at resolve time: the file's ids, read through a memory map in chunks (no copy of
+    """S63 at resolve time: the file's ids, read through its memory map in chunks (no copy of
     the stream). A missing file is left to the loader, which names it when the data is read."""
     path = resolve_path(token_file)
     if not path.is_file():
         return
-    where = f"data.token_file ({path})"
-    if path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r")
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"{where}: holds {arr.dtype}, expected integer token ids")
-    elif path.suffix == ".bin":
-        size = path.stat().st_size
-        if size % 2 or size == 0:
-            raise ValueError(f"{where}: has {size} bytes, not a whole, nonzero number of uint16 token ids")
-        arr = np.memmap(path, dtype=np.uint16, mode="r")
-    else:
-        raise ValueError(f"{where}: must end in .npy or .bin")
-    flat = arr.reshape(-1)
+    flat = _mapped_token_file(path)
     for i in range(0, flat.shape[0], chunk):
-        check_token_ids(np.asarray(flat[i:i + chunk]), vocab_size, where, offset=i)
+        check_token_ids(np.asarray(flat[i:i + chunk]), vocab_size, f"data.token_file ({path})", offset=i)
 
 
 def token_windows(tokens: np.ndarray, seed: int, step: int, batch: int, seq_len: int) -> np.ndarray:

@@ -66,18 +66,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from contract.config import load_config, parse_config
     from contract.data import batch_for_step
-    from contract.resolve import resolve_run
+    from contract.runlog import load_run
     from jax_impl.eval import to_jax_batch
     from jax_impl.train import jax_dtype, make_state, prng_key, runtime_for
 
     path = REPO / "configs" / f"{args.config}.yaml"
     if not path.exists():
         raise SystemExit(f"profile_step: no config {path}")
-    d = load_config(path).to_dict()
-    d["runtime"]["dtype"] = args.dtype
-    run = resolve_run(parse_config(d, args.config))
+    run = load_run(str(path), dtype=args.dtype)
     dt = jax_dtype(args.dtype)
     run, model, stepper = runtime_for(run, dt)
     state = make_state(run, None, dt)
