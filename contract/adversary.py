@@ -1,12 +1,8 @@
-"""Framework-free facts about the adversarial sources (ALGORITHM §6; SPEC S80-S87):
-source shapes per scope, bundle names, and the config checks both backends share."""
+"""Framework-free facts about the adversarial sources (SPEC S80-S87): source shapes per
+scope, bundle names, and the config checks both backends share."""
 from __future__ import annotations
 
-from contract.config import ConfigError, RunConfig
-
-# scope -> (leading rows, has a sequence axis of its own)
-SCOPES_FRESH = ("c", "bc", "bsc")
-SCOPES_PERSISTENT = ("c", "sc", "nsc", "bsc")
+from contract.config import ConfigError, PersistentPGDTerm, RunConfig
 
 
 def n_channels(cfg: RunConfig, C: int) -> int:
@@ -24,7 +20,7 @@ def source_shape(batch_shape: tuple[int, ...], scope: str, C_ch: int, n_sources:
     return lead + (C_ch,)
 
 
-def bundle_of(i: int, t) -> str:
+def bundle_of(i: int, t: PersistentPGDTerm) -> str:
     """The source bundle of persistent term i (S85): its `bundle` name or `t<i>`."""
     return t.bundle or f"t{i}"
 
@@ -33,7 +29,7 @@ def check_adversaries(cfg: RunConfig) -> None:
     """S85/S86: refusals shared by both backends."""
     owners: dict[str, int] = {}
     for i, t in enumerate(cfg.loss_terms):
-        if t.type.startswith("persistent_pgd"):
+        if isinstance(t, PersistentPGDTerm):  # persistent_pgd_recon, persistent_pgd_recon_subset
             if t.coeff == 0:
                 raise ConfigError(f"loss_terms.{i}.coeff: a persistent PGD term with coefficient 0 trains its "
                                   "sources on a loss that never reaches the model; remove the term instead")

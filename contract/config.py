@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -100,15 +100,15 @@ class FaithfulnessWarmup(Strict):
 
 
 # ---------------------------------------------------------------- loss terms
-class _Term(Strict):
+class Term(Strict):
     coeff: float
 
 
-class Faithfulness(_Term):
+class Faithfulness(Term):
     type: Literal["faithfulness"]
 
 
-class ImportanceMinimality(_Term):
+class ImportanceMinimality(Term):
     type: Literal["importance_minimality"]
     pnorm: float = Field(default=1.0, gt=0)
     beta: float = Field(default=0.0, ge=0)
@@ -124,59 +124,59 @@ class ImportanceMinimality(_Term):
         return self
 
 
-class _PlainRecon(_Term):
+class PlainReconTerm(Term):
     pass
 
 
-class StochasticRecon(_PlainRecon):
+class StochasticRecon(PlainReconTerm):
     type: Literal["stochastic_recon"]
 
 
-class StochasticReconLayerwise(_PlainRecon):
+class StochasticReconLayerwise(PlainReconTerm):
     type: Literal["stochastic_recon_layerwise"]
 
 
-class StochasticReconSubset(_PlainRecon):
+class StochasticReconSubset(PlainReconTerm):
     type: Literal["stochastic_recon_subset"]
 
 
-class ChunkwiseSubsetRecon(_PlainRecon):
+class ChunkwiseSubsetRecon(PlainReconTerm):
     type: Literal["chunkwise_subset_recon"]
     sites_per_chunk: int = Field(gt=0)
 
 
-class CIMaskedRecon(_PlainRecon):
+class CIMaskedRecon(PlainReconTerm):
     type: Literal["ci_masked_recon"]
 
 
-class CIMaskedReconLayerwise(_PlainRecon):
+class CIMaskedReconLayerwise(PlainReconTerm):
     type: Literal["ci_masked_recon_layerwise"]
 
 
-class CIMaskedReconSubset(_PlainRecon):
+class CIMaskedReconSubset(PlainReconTerm):
     type: Literal["ci_masked_recon_subset"]
 
 
-class UnmaskedRecon(_PlainRecon):
+class UnmaskedRecon(PlainReconTerm):
     type: Literal["unmasked_recon"]
 
 
-class _FreshPGD(_Term):
+class FreshPGDTerm(Term):
     init: Literal["random", "ones", "zeroes"] = "random"
     step_size: float = Field(default=0.1, gt=0)
     n_steps: int = Field(default=1, gt=0)
     scope: Literal["c", "bc", "bsc"] = "bsc"
 
 
-class PGDRecon(_FreshPGD):
+class PGDRecon(FreshPGDTerm):
     type: Literal["pgd_recon"]
 
 
-class PGDReconLayerwise(_FreshPGD):
+class PGDReconLayerwise(FreshPGDTerm):
     type: Literal["pgd_recon_layerwise"]
 
 
-class PGDReconSubset(_FreshPGD):
+class PGDReconSubset(FreshPGDTerm):
     type: Literal["pgd_recon_subset"]
 
 
@@ -187,7 +187,7 @@ class SourceOptimizer(Strict):
     eps: float = Field(default=1e-8, gt=0)
 
 
-class _PersistentPGD(_Term):
+class PersistentPGDTerm(Term):
     scope: Literal["c", "sc", "nsc", "bsc"] = "sc"
     n_sources: int | None = Field(default=None, gt=0)  # nsc only
     n_warmup: int = Field(default=0, ge=0)
@@ -195,25 +195,23 @@ class _PersistentPGD(_Term):
     bundle: str | None = None  # name of the source bundle; defaults to the term's index
 
 
-class PersistentPGDRecon(_PersistentPGD):
+class PersistentPGDRecon(PersistentPGDTerm):
     type: Literal["persistent_pgd_recon"]
 
 
-class PersistentPGDReconSubset(_PersistentPGD):
+class PersistentPGDReconSubset(PersistentPGDTerm):
     type: Literal["persistent_pgd_recon_subset"]
 
 
 LossTerm = Annotated[
-    Union[
-        Faithfulness, ImportanceMinimality, StochasticRecon, StochasticReconLayerwise,
-        StochasticReconSubset, ChunkwiseSubsetRecon, CIMaskedRecon, CIMaskedReconLayerwise,
-        CIMaskedReconSubset, UnmaskedRecon, PGDRecon, PGDReconLayerwise, PGDReconSubset,
-        PersistentPGDRecon, PersistentPGDReconSubset,
-    ],
+    Faithfulness | ImportanceMinimality | StochasticRecon | StochasticReconLayerwise
+    | StochasticReconSubset | ChunkwiseSubsetRecon | CIMaskedRecon | CIMaskedReconLayerwise
+    | CIMaskedReconSubset | UnmaskedRecon | PGDRecon | PGDReconLayerwise | PGDReconSubset
+    | PersistentPGDRecon | PersistentPGDReconSubset,
     Field(discriminator="type"),
 ]
 
-# type -> (plan, source strategy), ALGORITHM.md §5. Spec S20.
+# type -> (plan, source strategy). Spec S25, S29.
 RECON_TERMS: dict[str, tuple[str, str]] = {
     "stochastic_recon": ("all", "stochastic"),
     "stochastic_recon_layerwise": ("per_site", "stochastic"),

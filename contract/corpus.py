@@ -17,7 +17,7 @@ Results are cached; the cached array is read-only.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -157,22 +157,26 @@ _MAKERS = {"sentence": _sentence, "count": _count, "arith": _arith, "brackets": 
            "copy": _copy, "seq": _seq}
 
 
+def _kind_of(u: float) -> str:
+    """The line kind whose bin of the cumulative probabilities `_KINDS` holds u in [0, 1)."""
+    for name, cum in _KINDS:
+        if u < cum:
+            return name
+    raise ValueError(f"corpus: uniform {u!r} lies past the last bin of _KINDS (cumulative {_KINDS[-1][1]})")
+
+
 def generate_text(sub_seed: int, n_bytes: int) -> str:
     """Whole lines until at least `n_bytes` characters, then cut to exactly `n_bytes`."""
     r = _Uniforms(np.random.SeedSequence([CORPUS_SEED, CORPUS_VERSION, sub_seed]))
     lines, total = [], 0
     while total < n_bytes:
-        u = r.u()
-        for name, cum in _KINDS:
-            if u < cum:
-                break
-        line = _MAKERS[name](r) + "\n"
+        line = _MAKERS[_kind_of(r.u())](r) + "\n"
         lines.append(line)
         total += len(line)
     return "".join(lines)[:n_bytes]
 
 
-@lru_cache(maxsize=None)
+@cache
 def corpus_tokens(split: str) -> np.ndarray:
     """Byte values (int64, 0..255) of the corpus split 'train' (~1.5 MB) or 'heldout' (~100 KB)."""
     if split not in SPLITS:

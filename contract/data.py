@@ -57,6 +57,8 @@ def load_tokens(source: str, token_file: str | None) -> np.ndarray:
     if source == "corpus":
         from contract.corpus import corpus_tokens
         return corpus_tokens("train")
+    if token_file is None:
+        raise ValueError(f"data.token_file is required to read tokens from data.source {source!r}")
     path = resolve_path(token_file)
     if not path.is_file():
         raise FileNotFoundError(f"data.token_file: file not found: {path}")

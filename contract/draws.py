@@ -1,4 +1,4 @@
-"""The draw plan: every random tensor one training step consumes (ALGORITHM §5, §8).
+"""The draw plan: every random tensor one training step consumes (SPEC S50-S53).
 
 Every draw is U[0,1); distributions the algorithm needs are derived from uniforms by
 fixed rules that both backends implement identically (S50-S53):
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from contract.adversary import n_channels, source_shape
+from contract.config import FreshPGDTerm
 from contract.resolve import ResolvedRun
 
 
@@ -52,11 +53,13 @@ def draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...] | None = None) -> l
                         plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.source"), bs + (C,)))
                         if cfg.use_delta_component:
                             plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.delta"), bs))
-                if t.source == "fresh_pgd" and cfg.loss_terms[t.index].init == "random":
+                if t.source == "fresh_pgd":
                     tc = cfg.loss_terms[t.index]
-                    for name in e.live:
-                        shape = source_shape(bs, tc.scope, n_channels(cfg, run.site(name).C))
-                        plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.pgd_init"), shape))
+                    assert isinstance(tc, FreshPGDTerm)  # source 'fresh_pgd' <=> a pgd_recon* term (RECON_TERMS)
+                    if tc.init == "random":
+                        for name in e.live:
+                            shape = source_shape(bs, tc.scope, n_channels(cfg, run.site(name).C))
+                            plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.pgd_init"), shape))
                 if e.routing == "uniform_k":
                     plan.append(DrawSpec(draw_name(t.index, ei, d, "route_k"), bs))
                     plan.append(DrawSpec(draw_name(t.index, ei, d, "route_order"), bs + (len(e.live),)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from contract.adversary import n_channels, source_shape
+from contract.config import PersistentPGDTerm
 from contract.resolve import ResolvedRun
 
 INIT_STREAM = 0x1417
@@ -24,7 +25,7 @@ def _normal(g: np.random.Generator, shape, fan_in: int, gain: float) -> np.ndarr
 
 def mlp_dims(d_in: int, hidden: list[int], d_out: int) -> list[tuple[int, int]]:
     dims = [d_in, *hidden, d_out]
-    return list(zip(dims[:-1], dims[1:]))
+    return list(zip(dims[:-1], dims[1:], strict=True))
 
 
 def _mlp(g, prefix: str, d_in: int, hidden: list[int], d_out: int, lead: tuple[int, ...] = ()) -> dict:
@@ -86,6 +87,7 @@ def init_sources(run: ResolvedRun, g: np.random.Generator) -> dict:
         if t.source != "persistent_pgd":
             continue
         tc = run.cfg.loss_terms[t.index]
+        assert isinstance(tc, PersistentPGDTerm)  # source 'persistent_pgd' <=> a persistent_pgd_recon* term (RECON_TERMS)
         for s in run.sites:
             shape = source_shape(run.batch_shape, tc.scope, n_channels(run.cfg, s.C), tc.n_sources)
             out[f"sources.{t.bundle}.{s.name}"] = g.random(shape)

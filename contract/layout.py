@@ -30,8 +30,8 @@ numpy only: this module never imports torch or jax.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -1,5 +1,5 @@
 """vpd-layout-diff: compare two safetensors files (or two checkpoint directories) tensor
-by tensor (DESIGN.md, "Tensor-layout contract and checkpoint tools").
+by tensor (SPEC S71).
 
     vpd-layout-diff A B [--atol X]
     python -m contract.layout_diff A B
@@ -75,7 +75,7 @@ class Tensor:
             return np.ascontiguousarray(a).view(np.uint8).reshape(a.shape + (a.dtype.itemsize,))
 
     @property
-    def T(self) -> "Tensor":
+    def T(self) -> Tensor:
         return Tensor(self.dtype, tuple(reversed(self.shape)), self.data.T)
 
 
@@ -201,9 +201,9 @@ def _compare_same_shape(a: Tensor, b: Tensor, atol: float) -> _Cmp:
 
 
 def compare(name: str, a: Tensor | None, b: Tensor | None, atol: float = 0.0) -> Row:
-    if a is None and b is None:
-        raise ValueError(name)
     if a is None:
+        if b is None:
+            raise ValueError(name)
         return Row(name, MISSING, f"missing in A (B: {b.dtype} {list(b.shape)})")
     if b is None:
         return Row(name, MISSING, f"missing in B (A: {a.dtype} {list(a.shape)})")

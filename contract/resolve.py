@@ -7,7 +7,7 @@ import fnmatch
 from dataclasses import dataclass
 
 from contract.adversary import bundle_of, check_adversaries
-from contract.config import RECON_TERMS, ConfigError, RunConfig
+from contract.config import RECON_TERMS, ChunkwiseSubsetRecon, ConfigError, PersistentPGDTerm, RunConfig
 from contract.targets import ModuleInfo, load_target_meta, module_table
 
 
@@ -82,12 +82,14 @@ def build_entries(plan: str, names: tuple[str, ...], n_draws: int, sites_per_chu
     if plan == "subset":
         return (PlanEntry(names, "uniform_k", n_draws),)
     if plan == "chunks":
+        if sites_per_chunk is None:
+            raise ValueError("plan 'chunks' needs sites_per_chunk")
         k = sites_per_chunk
         return tuple(PlanEntry(names[i:i + k], "uniform_k", n_draws) for i in range(0, len(names), k))
     raise ValueError(plan)
 
 
-def resolve_run(cfg: RunConfig, backend: str = "any") -> ResolvedRun:
+def resolve_run(cfg: RunConfig) -> ResolvedRun:
     meta = load_target_meta(cfg.target.weights)
     if meta["kind"] != cfg.target.kind:
         raise ConfigError(f"target.kind: config says {cfg.target.kind!r} but {cfg.target.weights} holds a {meta['kind']!r} target")
@@ -113,6 +115,8 @@ def resolve_run(cfg: RunConfig, backend: str = "any") -> ResolvedRun:
             raise ConfigError("data.source: the llama target reads 'corpus' or 'token_file'")
         if cfg.data.source == "token_file":  # refused before any backend embeds an id (S63)
             from contract.data import check_token_file
+            if cfg.data.token_file is None:  # DataConfig refuses this too; restated for the checks below
+                raise ConfigError("data.token_file is required when data.source is 'token_file'")
             try:
                 check_token_file(cfg.data.token_file, meta["config"]["vocab_size"])
             except (ValueError, OSError) as e:
@@ -123,7 +127,7 @@ def resolve_run(cfg: RunConfig, backend: str = "any") -> ResolvedRun:
         if cfg.data.seq_len is not None:
             raise ConfigError(f"data.seq_len: the {cfg.target.kind} target has no sequence axis")
     if cfg.ci_fn.type == "global_shared_transformer" and cfg.target.kind != "llama":
-        pass  # inputs without a sequence axis get a length-1 one (ALGORITHM §4)
+        pass  # inputs without a sequence axis get a length-1 one (S17)
 
     recon = []
     n_terms_of_type: dict[str, int] = {}
@@ -132,17 +136,23 @@ def resolve_run(cfg: RunConfig, backend: str = "any") -> ResolvedRun:
         if t.type not in RECON_TERMS:
             continue
         plan, source = RECON_TERMS[t.type]
-        if plan == "chunks" and t.sites_per_chunk > len(sites):
-            raise ConfigError(f"loss_terms.{i}.sites_per_chunk: {t.sites_per_chunk} is larger than the number of sites ({len(sites)})")
+        # plan 'chunks' <=> chunkwise_subset_recon, source 'persistent_pgd' <=> a PersistentPGDTerm
+        sites_per_chunk = t.sites_per_chunk if isinstance(t, ChunkwiseSubsetRecon) else None
+        if sites_per_chunk is not None and sites_per_chunk > len(sites):
+            raise ConfigError(f"loss_terms.{i}.sites_per_chunk: {sites_per_chunk} is larger than the number of sites ({len(sites)})")
         n_draws = cfg.n_mask_samples if source == "stochastic" else 1
-        entries = build_entries(plan, names, n_draws, getattr(t, "sites_per_chunk", None))
+        entries = build_entries(plan, names, n_draws, sites_per_chunk)
         recon.append(ReconTerm(i, t.type, plan, source, entries,
-                               bundle_of(i, t) if source == "persistent_pgd" else None))
+                               bundle_of(i, t) if isinstance(t, PersistentPGDTerm) else None))
     check_adversaries(cfg)
     for ty in ("faithfulness", "importance_minimality"):
         if n_terms_of_type.get(ty, 0) > 1:
             raise ConfigError(f"loss_terms: {ty!r} appears {n_terms_of_type[ty]} times; it may appear once")
 
     B = cfg.batch_size
-    batch_shape = (B, cfg.data.seq_len) if cfg.target.kind == "llama" else (B,)
+    batch_shape: tuple[int, ...] = (B,)
+    if cfg.target.kind == "llama":
+        if cfg.data.seq_len is None:  # refused above; restated so the shape is all ints
+            raise ConfigError("data.seq_len: required for the llama target")
+        batch_shape = (B, cfg.data.seq_len)
     return ResolvedRun(cfg, meta, sites, tuple(recon), batch_shape)

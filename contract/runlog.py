@@ -53,9 +53,10 @@ def one_line(msg: str) -> str:
     return head + (" " + "; ".join(rest) if rest else "")
 
 
-def load_run(config: str, steps: int | None = None, dtype: str | None = None, backend: str = "any") -> ResolvedRun:
+def load_run(config: str, steps: int | None = None, dtype: str | None = None, backend: str | None = None) -> ResolvedRun:
     """Load a config file, apply command-line overrides (recorded in the resolved config) and
     resolve it (raises ConfigError / FileNotFoundError / ValueError)."""
+    del backend  # accepted for the CLIs until they are rewritten
     d = load_config(config).to_dict()
     if steps is not None:
         if steps <= 0:
@@ -63,4 +64,4 @@ def load_run(config: str, steps: int | None = None, dtype: str | None = None, ba
         d["steps"] = steps
     if dtype is not None:
         d["runtime"]["dtype"] = dtype
-    return resolve_run(parse_config(d, f"{config} (with command-line overrides)"), backend=backend)
+    return resolve_run(parse_config(d, f"{config} (with command-line overrides)"))

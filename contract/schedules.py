@@ -1,10 +1,11 @@
 """Schedules: pure functions of (step, total steps), evaluated on the host in float64 by
-both backends and passed into the step (ALGORITHM §7). Spec S40, S41."""
+both backends and passed into the step. Spec S40, S41."""
 from __future__ import annotations
 
 import math
 
-from contract.config import ImportanceMinimality, Schedule
+from contract.adversary import bundle_of
+from contract.config import ImportanceMinimality, PersistentPGDTerm, RunConfig, Schedule
 
 
 def schedule_value(s: Schedule, step: int, steps: int) -> float:
@@ -35,3 +36,16 @@ def imp_min_p(t: ImportanceMinimality, step: int, steps: int) -> float:
     if frac >= b:
         return t.p_anneal_final_p
     return t.pnorm + (t.p_anneal_final_p - t.pnorm) * (frac - a) / (b - a)
+
+
+def hparams(cfg: RunConfig, step: int) -> dict[str, float]:
+    """Every schedule value of training step `step`, computed on the host and passed into the
+    step by both backends (S40, S41; the source LR once per training step, S84)."""
+    hp = {"lr_components": schedule_value(cfg.optim.components.lr, step, cfg.steps),
+          "lr_ci_fn": schedule_value(cfg.optim.ci_fn.lr, step, cfg.steps)}
+    for i, t in enumerate(cfg.loss_terms):
+        if t.type == "importance_minimality":
+            hp["imp_min_p"] = imp_min_p(t, step, cfg.steps)
+        if isinstance(t, PersistentPGDTerm):  # persistent_pgd_recon, persistent_pgd_recon_subset
+            hp[f"lr_sources.{bundle_of(i, t)}"] = schedule_value(t.optimizer.lr, step, cfg.steps)
+    return hp

@@ -4,6 +4,8 @@ A target is a safetensors file in Hugging Face layout (`Linear.weight` is `[out,
 plus `<stem>.json` beside it: {"kind": ..., "config": {...}, "training": {...}}.
 `module_table` lists every decomposable module of a target in the canonical order
 (the order torch's `named_modules()` visits them); site expansion (S2) uses that order.
+`expected_file_tensors` lists every tensor a weight file must hold (file layout), and
+`rope_theta` reads a Llama's RoPE base with the refusals both backends share (S67).
 """
 from __future__ import annotations
 
@@ -87,3 +89,55 @@ def module_table(kind: str, cfg: dict) -> list[ModuleInfo]:
         out.append(ModuleInfo("lm_head", "linear", d, v, False))
         return out
     raise ValueError(f"target.kind: unknown target kind {kind!r}")
+
+
+def expected_file_tensors(kind: str, cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor a target's weight file must hold, with its shape in FILE (Hugging Face)
+    layout: linear weights `[out, in]`, embeddings `[vocab, d]` (S71)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for m in module_table(kind, cfg):
+        if m.kind == "embedding":
+            out[f"{m.name}.weight"] = (m.d_in, m.d_out)
+        else:
+            out[f"{m.name}.weight"] = (m.d_out, m.d_in)
+            if m.has_bias:
+                out[f"{m.name}.bias"] = (m.d_out,)
+    if kind == "resid_mlp":
+        out["W_E"] = (cfg["n_features"], cfg["d_embed"])
+    if kind == "llama":
+        d = cfg["hidden_size"]
+        for i in range(cfg["num_hidden_layers"]):
+            out[f"model.layers.{i}.input_layernorm.weight"] = (d,)
+            out[f"model.layers.{i}.post_attention_layernorm.weight"] = (d,)
+        out["model.norm.weight"] = (d,)
+    return out
+
+
+# RoPE of a Hugging Face Llama config dict: `rope_parameters` (transformers 5) or
+# `rope_scaling` (older) holds the type and possibly the base; older configs keep the base
+# top-level as `rope_theta`. The base is never defaulted (S67, S93).
+def _rope_parameters(cfg: dict) -> dict:
+    return cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+
+
+def rope_type(cfg: dict) -> str:
+    rp = _rope_parameters(cfg)
+    return rp.get("rope_type", rp.get("type", "default"))
+
+
+def rope_base(cfg: dict) -> float | None:
+    """The RoPE base of the config, or None when it names none."""
+    theta = _rope_parameters(cfg).get("rope_theta", cfg.get("rope_theta"))
+    return None if theta is None else float(theta)
+
+
+def rope_theta(cfg: dict) -> float:
+    """The RoPE base both backends use. Only the `default` rope type is implemented; another
+    type, or a config without a base, is refused."""
+    rtype = rope_type(cfg)
+    if rtype != "default":
+        raise NotImplementedError(f"target.config: rope_type {rtype!r} is not implemented (only 'default')")
+    theta = rope_base(cfg)
+    if theta is None:
+        raise ValueError("target.config: no RoPE base (rope_parameters.rope_theta / rope_theta) in the target config")
+    return theta

@@ -1,14 +1,17 @@
-"""Adversarial mask sources: fresh PGD and persistent PGD (ALGORITHM §6; SPEC S80-S87).
-Mirrors oracle_torch/adversary.py. The fresh-PGD ascent loop is a `lax.scan`
-(`sign_ascent`); `sign_ascent_python` is the plain loop a test compares it with."""
+"""Adversarial mask sources: fresh PGD and persistent PGD (SPEC S80-S87).
+Mirrors oracle_torch/adversary.py; the parameters are an argument here (the oracle's model
+holds them). The fresh-PGD ascent loop is a `lax.scan` (`sign_ascent`)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
 from contract.adversary import n_channels, source_shape
+from contract.backend import NO_PROBE, Probe
 from contract.draws import draw_name
+from contract.resolve import ReconTerm
 from jax_impl.components import SiteMode
+from jax_impl.context import StepContext
 from jax_impl.losses import output_divergence
 from jax_impl.recon import route_from_uniforms
 
@@ -20,86 +23,73 @@ def expand_rows(src, batch_rows: int, scope: str):
     return src[jnp.arange(batch_rows) % src.shape[0]]
 
 
-def source_modes(run, live, ci: dict, srcs: dict, routes, scope: str, batch_rows: int) -> dict:
+def source_modes(ctx: StepContext, live, ci: dict, srcs: dict, routes, scope: str) -> dict:
+    """The SiteModes of one forward with adversarial sources (S80, S81, S83)."""
     modes = {}
     for j, name in enumerate(live):
-        C = run.site(name).C
-        src = expand_rows(srcs[name], batch_rows, scope).astype(ci[name].dtype)  # no-op unless bf16 compute
+        C = ctx.run.site(name).C
+        src = expand_rows(srcs[name], ctx.batch.shape[0], scope).astype(ci[name].dtype)  # no-op unless bf16 compute
         mask = ci[name] + (1 - ci[name]) * src[..., :C]
-        dm = src[..., C] if run.cfg.use_delta_component else None
+        dm = src[..., C] if ctx.run.cfg.use_delta_component else None
         modes[name] = SiteMode(mask, dm, None if routes is None else routes[..., j])
     return modes
 
 
-def entry_routes(term, ei: int, draws: dict, pins: dict):
+def entry_routes(term: ReconTerm, ei: int, draws: dict, probe: Probe = NO_PROBE):
+    """The routes of entry ei, drawn once (draw 0) and shared by every ascent and the loss (S80)."""
     if term.entries[ei].routing != "uniform_k":
         return None
     r = route_from_uniforms(draws[draw_name(term.index, ei, 0, "route_k")],
                             draws[draw_name(term.index, ei, 0, "route_order")])
-    return pins.get(f"route.t{term.index}.e{ei}.d0", r)
+    return probe.pin(f"route.t{term.index}.e{ei}.d0", r)
 
 
-def source_divergence(run, model, frozen, params, live, batch, clean, ci, srcs, routes, scope):
-    """D of one forward with the given sources."""
-    out = model.masked_forward(frozen, params, batch, source_modes(run, live, ci, srcs, routes, scope, batch.shape[0]))
-    return output_divergence(run.cfg.output_loss, out, clean), out
+def source_divergence(ctx: StepContext, params: dict, live, ci: dict, srcs: dict, routes, scope: str):
+    """(D, output) of one forward with the given sources."""
+    out = ctx.model.masked_forward(ctx.frozen, params, ctx.batch, source_modes(ctx, live, ci, srcs, routes, scope))
+    return output_divergence(ctx.run.cfg.output_loss, out, ctx.clean), out
 
 
 # ------------------------------------------------------------------ fresh PGD
-def fresh_init(tc, run, name: str, draws: dict, key: str, batch_shape, dtype):
+def fresh_init(ctx: StepContext, tc, name: str, draws: dict, key: str):
     """S80: random (from the draw plan) | ones | zeroes."""
     if tc.init == "random":
         return draws[key]
-    shape = source_shape(tuple(batch_shape), tc.scope, n_channels(run.cfg, run.site(name).C))
-    return (jnp.ones if tc.init == "ones" else jnp.zeros)(shape, dtype=dtype)
+    shape = source_shape(ctx.batch_shape, tc.scope, n_channels(ctx.run.cfg, ctx.run.site(name).C))
+    return (jnp.ones if tc.init == "ones" else jnp.zeros)(shape, dtype=ctx.clean.dtype)
 
 
-def _ascent_step(run, model, frozen, params, live, batch, clean, ci_det, routes, scope, step_size, srcs):
-    grad = jax.grad(lambda s: source_divergence(run, model, frozen, params, live, batch, clean, ci_det, s, routes, scope)[0])(srcs)
-    return {n: jnp.clip(srcs[n] + step_size * jnp.sign(grad[n]), 0.0, 1.0) for n in srcs}
-
-
-def sign_ascent(run, model, frozen, params, live, batch, clean, ci_det, srcs, routes, scope, step_size: float, n_steps: int):
+def sign_ascent(ctx: StepContext, params: dict, live, ci_det: dict, srcs: dict, routes, scope: str, step_size: float,
+                n_steps: int) -> dict:
     """S80: n_steps of src <- clamp(src + step_size * sign(dD/dsrc), 0, 1), components and CI
     detached. A lax.scan over the steps."""
     params = jax.lax.stop_gradient(params)
 
-    def body(s, _):
-        return _ascent_step(run, model, frozen, params, live, batch, clean, ci_det, routes, scope, step_size, s), None
+    def body(srcs, _):
+        grad = jax.grad(lambda s: source_divergence(ctx, params, live, ci_det, s, routes, scope)[0])(srcs)
+        return {n: jnp.clip(srcs[n] + step_size * jnp.sign(grad[n]), 0.0, 1.0) for n in srcs}, None
 
     srcs, _ = jax.lax.scan(body, srcs, None, length=n_steps)
     return srcs
 
 
-def sign_ascent_python(run, model, frozen, params, live, batch, clean, ci_det, srcs, routes, scope, step_size, n_steps):
-    """The same ascent as a Python loop (reference for the scan)."""
-    params = jax.lax.stop_gradient(params)
-    for _ in range(n_steps):
-        srcs = _ascent_step(run, model, frozen, params, live, batch, clean, ci_det, routes, scope, step_size, srcs)
-    return srcs
-
-
-def fresh_pgd_term(run, model, frozen, params, term, batch, clean, ci_lower: dict, draws: dict, record=None, pins=None):
+def fresh_pgd_term(ctx: StepContext, params: dict, term: ReconTerm, ci_lower: dict, draws: dict,
+                   probe: Probe = NO_PROBE):
     """S80: per entry, fresh sources, routing drawn once and shared by every ascent and the
     final loss; the final forward uses the (stop-gradient) sources with live CI and V/U."""
-    tc = run.cfg.loss_terms[term.index]
-    pins = pins or {}
-    bs = tuple(batch.shape[:len(run.batch_shape)])
+    tc = ctx.run.cfg.loss_terms[term.index]
     total = 0.0
     for ei, e in enumerate(term.entries):
-        routes = entry_routes(term, ei, draws, pins)
-        srcs = {n: fresh_init(tc, run, n, draws, draw_name(term.index, ei, 0, f"{n}.pgd_init"), bs, clean.dtype)
-                for n in e.live}
+        routes = entry_routes(term, ei, draws, probe=probe)
+        srcs = {n: fresh_init(ctx, tc, n, draws, draw_name(term.index, ei, 0, f"{n}.pgd_init")) for n in e.live}
         ci_det = {n: jax.lax.stop_gradient(ci_lower[n]) for n in e.live}
-        srcs = sign_ascent(run, model, frozen, params, e.live, batch, clean, ci_det, srcs, routes, tc.scope,
-                           tc.step_size, tc.n_steps)
+        srcs = sign_ascent(ctx, params, e.live, ci_det, srcs, routes, tc.scope, tc.step_size, tc.n_steps)
         srcs = jax.lax.stop_gradient(srcs)
-        d, out = source_divergence(run, model, frozen, params, e.live, batch, clean, ci_lower, srcs, routes, tc.scope)
-        if record is not None:
-            tag = f"t{term.index}.e{ei}.d0"
-            record[f"masked_out.{tag}"] = out
-            for n, s in srcs.items():
-                record[f"source.{tag}.{n}"] = s
+        d, out = source_divergence(ctx, params, e.live, ci_lower, srcs, routes, tc.scope)
+        tag = f"t{term.index}.e{ei}.d0"
+        probe.put(f"masked_out.{tag}", out)
+        for n, s in srcs.items():
+            probe.put(f"source.{tag}.{n}", s)
         total = total + d
     return total / len(term.entries)
 
@@ -129,28 +119,26 @@ def init_source_opt(srcs: dict) -> dict:
             "v": {n: jnp.zeros_like(s) for n, s in srcs.items()}, "t": jnp.asarray(0, jnp.int32)}
 
 
-def persistent_warmup(run, model, frozen, params, term, batch, clean, ci_det: dict, srcs: dict, opt: dict, lr):
+def persistent_warmup(ctx: StepContext, params: dict, term: ReconTerm, ci_det: dict, srcs: dict, opt: dict,
+                      lr) -> tuple[dict, dict]:
     """S84 (1): n_warmup ascents on the term's recon loss, components and CI detached,
     every site live and routed everywhere. Returns (sources, optimizer state)."""
-    tc = run.cfg.loss_terms[term.index]
+    tc = ctx.run.cfg.loss_terms[term.index]
     params = jax.lax.stop_gradient(params)
     for _ in range(tc.n_warmup):
-        grads = jax.grad(lambda s: source_divergence(run, model, frozen, params, run.site_names, batch, clean,
-                                                     ci_det, s, None, tc.scope)[0])(srcs)
+        grads = jax.grad(lambda s: source_divergence(ctx, params, ctx.run.site_names, ci_det, s, None, tc.scope)[0])(srcs)
         srcs, opt = adam_ascent(srcs, grads, opt, lr, tc.optimizer)
     return srcs, opt
 
 
-def persistent_pgd_term(run, model, frozen, params, term, batch, clean, ci_lower: dict, srcs: dict, draws: dict,
-                        record=None, pins=None):
+def persistent_pgd_term(ctx: StepContext, params: dict, term: ReconTerm, ci_lower: dict, srcs: dict, draws: dict,
+                        probe: Probe = NO_PROBE):
     """S84 (2): the main loss with the sources as leaves (their gradient is the final ascent)."""
-    tc = run.cfg.loss_terms[term.index]
-    pins = pins or {}
+    tc = ctx.run.cfg.loss_terms[term.index]
     total = 0.0
     for ei, e in enumerate(term.entries):
-        routes = entry_routes(term, ei, draws, pins)
-        d, out = source_divergence(run, model, frozen, params, e.live, batch, clean, ci_lower, srcs, routes, tc.scope)
-        if record is not None:
-            record[f"masked_out.t{term.index}.e{ei}.d0"] = out
+        routes = entry_routes(term, ei, draws, probe=probe)
+        d, out = source_divergence(ctx, params, e.live, ci_lower, srcs, routes, tc.scope)
+        probe.put(f"masked_out.t{term.index}.e{ei}.d0", out)
         total = total + d
     return total / len(term.entries)

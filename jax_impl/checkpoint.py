@@ -13,17 +13,13 @@ on commit, so a checkpoint is either complete or absent. Each checkpoint holds t
   the sha256 of the target weights, library versions, date and `extra` (training notes such
   as the faithfulness-warmup losses).
 
-A resume under a different config, dtype or target is refused with a field-by-field diff
-(`contract.config.config_diff`). Saves are synchronous: the training step donates its state
+The meta dict and the refusal of a resume under a different config, dtype or target (a
+field-by-field diff) are shared with the oracle (`contract/checkpoint_meta.py`). Saves are synchronous: the training step donates its state
 buffers, so an asynchronous writer could read a buffer the next step already reused.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
 import os
-import platform
 import re
 import shutil
 from pathlib import Path
@@ -32,38 +28,28 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from contract.config import ConfigError, config_diff, parse_config
+from contract import checkpoint_meta as cm
+from contract.checkpoint_meta import META_FILE, target_sha256  # noqa: F401  (public names)
+from contract.config import ConfigError, parse_config
+from contract.init import init_state
 from contract.resolve import ResolvedRun, resolve_run
-from contract.targets import resolve_path
+from jax_impl.state import TrainState, make_state
+from jax_impl.train import prng_impl
 
 CKPT_SUBDIR = "checkpoints"
 FORMAT = "vpd-jax-checkpoint/1"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 ITEMS = ("state", "meta")
-META_FILE = "meta.json"
 
 
 def _dtype_name(dtype) -> str:
     return str(np.dtype(dtype))
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def target_sha256(run: ResolvedRun) -> str:
-    return _file_sha256(resolve_path(run.cfg.target.weights))
-
-
 def _versions() -> dict:
     import jaxlib
     import optax
-    out = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-           "optax": optax.__version__, "numpy": np.__version__}
+    out = cm.base_versions() | {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "optax": optax.__version__}
     try:
         from importlib.metadata import version
         out["orbax-checkpoint"] = version("orbax-checkpoint")
@@ -117,36 +103,23 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return cks[-1] if cks else None
 
 
-def save_checkpoint(out_dir: str | Path, state: dict, run: ResolvedRun, step: int, keep: int, dtype=None,
+def save_checkpoint(out_dir: str | Path, state: TrainState, run: ResolvedRun, step: int, keep: int, dtype=None,
                     extra: dict | None = None, manager: ocp.CheckpointManager | None = None) -> Path:
     """Write `out_dir/checkpoints/step_{step:08d}/` atomically; keep the last `keep`.
     Pass a long-lived `manager` (from `make_manager(out_dir, keep)`) to save repeatedly."""
-    have = int(jax.device_get(state["step"]))
+    have = int(jax.device_get(state.step))
     if have != step:
         raise ValueError(f"save_checkpoint: state is at step {have}, asked to save it as step {step}")
     if keep < 1:
         raise ValueError("save_checkpoint: keep must be >= 1")
-    dtype = dtype or next(iter(state["params"].values())).dtype
-    meta = {
-        "format": FORMAT,
-        "backend": "jax",
-        "step": step,
-        "config": run.cfg.to_dict(),
-        "config_hash": run.cfg.hash(),
-        "dtype": _dtype_name(dtype),
-        "target_sha256": target_sha256(run),
-        "prng_impl": production_prng_impl(run),
-        "param_order": list(state["params"]),
-        "versions": _versions(),
-        "platform": platform.platform(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "extra": extra or {},
-    }
+    dtype = dtype or next(iter(state.params.values())).dtype
+    meta = cm.build_meta(run, step, _dtype_name(dtype), backend="jax", fmt=FORMAT, versions=_versions(), extra=extra,
+                         prng_impl=production_prng_impl(run), param_order=list(state.params))
     mngr = manager or make_manager(out_dir, keep)
     try:
         if step in mngr.all_steps():  # same step written again (e.g. a fresh run over an old dir)
             mngr.delete(step)
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state.to_tree()), meta=ocp.args.JsonSave(meta)),
                   force=True)
         mngr.wait_until_finished()
     finally:
@@ -162,7 +135,7 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     checkpoint without orbax (parity/tms_recovery, humans). Written via temp file + rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        f.write(cm.meta_json(obj))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -178,48 +151,36 @@ def read_meta(path: str | Path) -> dict:
 
 
 def check_compatible(meta: dict, run: ResolvedRun, dtype, path: Path) -> None:
-    """Refuse a resume under another config, dtype or target (ConfigError with a diff)."""
-    diff = config_diff(meta["config"], run.cfg.to_dict())
-    if diff:
-        raise ConfigError(f"cannot resume from {path}: it was written under a different config "
-                          f"(checkpoint -> this run):\n" + "\n".join(diff) +
-                          "\nuse the checkpoint's config, or start afresh (--no-resume / another --out)")
-    if meta.get("dtype") != _dtype_name(dtype):
-        raise ConfigError(f"cannot resume from {path}: it holds a {meta.get('dtype')} state, this run is {_dtype_name(dtype)}")
+    """Refuse a resume under another config, dtype or target (ConfigError with a diff; S94), or
+    under another production generator."""
+    cm.check_compatible(meta, run, _dtype_name(dtype), path)
     # S50: the production draws of the remaining steps come from this generator; a checkpoint
     # without the field predates Philox and drew with threefry
     have, want = meta.get("prng_impl", "threefry2x32"), production_prng_impl(run)
     if have != want:
         raise ConfigError(f"cannot resume from {path}: its run drew with the {have} generator, this trainer draws "
                           f"with {want}, so the resumed run would not reproduce it; start afresh (--no-resume / another --out)")
-    sha = target_sha256(run)
-    if meta.get("target_sha256") not in (None, sha):
-        raise ConfigError(f"cannot resume from {path}: the target weights {run.cfg.target.weights} changed since it was written "
-                          f"(sha256 {meta['target_sha256'][:12]}… -> {sha[:12]}…)")
 
 
 def production_prng_impl(run: ResolvedRun) -> str:
-    from jax_impl.train import prng_impl
     return prng_impl(run.cfg.runtime.mesh.data)
 
 
 def abstract_state(run: ResolvedRun, dtype) -> dict:
-    """Shapes, dtypes and pytree structure of the training state of `run` (nothing allocated)."""
-    from contract.init import init_state
-    from jax_impl.train import make_state
+    """Shapes, dtypes and pytree structure of the stored training-state tree of `run`
+    (`TrainState.to_tree()`; nothing allocated)."""
     shapes = {n: jax.ShapeDtypeStruct(a.shape, dtype) for n, a in init_state(run).items()}
-    tree = jax.eval_shape(lambda arrays: make_state(run, arrays, dtype), shapes)
+    tree = jax.eval_shape(lambda arrays: make_state(run, arrays, dtype).to_tree(), shapes)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
 
 
-def load_checkpoint(path: str | Path, run: ResolvedRun, dtype) -> dict:
+def load_checkpoint(path: str | Path, run: ResolvedRun, dtype) -> TrainState:
     """Restore the whole training state (params, both optax states, step) exactly."""
     path = Path(path)
     out_dir, step = _split(path)
     meta = read_meta(path)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    cm.check_format(meta, FORMAT, path)
     check_compatible(meta, run, dtype, path)
     target = abstract_state(run, dtype)
     mngr = make_manager(out_dir, read_only=True)
@@ -236,10 +197,10 @@ def load_checkpoint(path: str | Path, run: ResolvedRun, dtype) -> dict:
         raise ValueError(f"checkpoint {path}: restored leaves differ from the run: " + "; ".join(bad))
     if int(state["step"]) != meta["step"]:
         raise ValueError(f"checkpoint {path}: meta says step {meta['step']}, the state holds {int(state['step'])}")
-    return state
+    return TrainState.from_tree(state)
 
 
-def load_run_checkpoint(path: str | Path, dtype=None) -> tuple[dict, dict, ResolvedRun]:
+def load_run_checkpoint(path: str | Path, dtype=None) -> tuple[TrainState, dict, ResolvedRun]:
     """(state, meta, run) of a checkpoint dir, or of the newest checkpoint of a run dir; the run
     is rebuilt from the config stored in the checkpoint, dtype defaults to the stored one."""
     path = Path(path)

@@ -1,4 +1,4 @@
-"""Causal-importance functions over a flat parameter dict (ALGORITHM §4; SPEC S13-S17).
+"""Causal-importance functions over a flat parameter dict (SPEC S13-S17).
 Mirrors oracle_torch/ci_fn.py function by function."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The decomposed model, functionally: the target's site hook runs either the frozen path
-or the masked decomposed path (ALGORITHM §3; SPEC S4-S8). Mirrors
+or the masked decomposed path (SPEC S4-S8). Mirrors
 oracle_torch/components.py: `SiteMode`, `inner_act`, `DecomposedModel.clean_forward`,
 `DecomposedModel.masked_forward`, `DecomposedModel.weight`. Differs in how a live site is
 evaluated: the delta path in the S4b form, on positions flattened to one axis."""

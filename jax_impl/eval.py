@@ -24,6 +24,7 @@ import numpy as np
 
 from contract.data import batch_for_step
 from contract.draws import DrawSpec
+from contract.metrics import EVAL_VARIANTS
 from contract.resolve import ResolvedRun
 from jax_impl.ci_fn import ci_logits
 from jax_impl.components import DecomposedModel, SiteMode, inner_act
@@ -32,7 +33,6 @@ from jax_impl.recon import bernoulli_from_uniform
 from jax_impl.sigmoids import ci_pair
 from jax_impl.train import prng_key
 
-EVAL_VARIANTS = ("ci", "stochastic", "unmasked", "rounded", "zero")
 
 
 def eval_draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...]) -> list[DrawSpec]:
@@ -133,52 +133,47 @@ def _eval_body(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, b
     return out
 
 
-# jitted bodies per (run, model): ResolvedRun holds lists (unhashable), so it cannot be a
-# static argument; the cache keeps the objects alive so their ids stay unique.
-_JIT: dict[tuple[int, int], tuple] = {}
-_JIT_MAX = 4
+class Evaluator:
+    """The jitted eval of one (run, model), built once (held by the backend): `metrics` with
+    explicit draws (parity), `metrics_with_key` with draws sampled inside (production)."""
 
+    def __init__(self, run: ResolvedRun, model: DecomposedModel, dtype):
+        self.run, self.model, self.dtype = run, model, dtype
+        self._draws = jax.jit(partial(_eval_body, run, model))
+        self._key = jax.jit(self._key_body)
 
-def _jitted(run: ResolvedRun, model: DecomposedModel, what: str):
-    key = (id(run), id(model))
-    if key not in _JIT:
-        while len(_JIT) >= _JIT_MAX:  # bounded: each entry keeps a model (frozen weights) alive
-            _JIT.pop(next(iter(_JIT)))
-        body = partial(_eval_body, run, model)
+    def _key_body(self, frozen, params, batch, key):
+        run = self.run
+        plan = eval_draw_plan(run, batch.shape if run.cfg.target.kind == "llama" else batch.shape[:-1])
+        return _eval_body(run, self.model, frozen, params, batch, sample_eval_draws(plan, key, self.dtype))
 
-        def with_key(frozen, params, batch, key, dtype):
-            plan = eval_draw_plan(run, batch.shape if run.cfg.target.kind == "llama" else batch.shape[:-1])
-            return body(frozen, params, batch, sample_eval_draws(plan, key, dtype))
+    def metrics(self, params: dict, batch, draws: dict) -> dict:
+        """All eval metrics of one batch (device scalars; see the module docstring)."""
+        return self._draws(self.model.frozen, params, batch, draws)
 
-        _JIT[key] = (run, model, {"draws": jax.jit(body), "key": jax.jit(with_key, static_argnames="dtype")})
-    return _JIT[key][2][what]
+    def metrics_with_key(self, params: dict, batch, key) -> dict:
+        """Production: `metrics` with the eval draws sampled inside the jitted function from `key`."""
+        return self._key(self.model.frozen, params, batch, key)
+
+    def evaluate_device(self, params: dict, step: int) -> dict:
+        """The eval of the training loop at `step`: the mean of `metrics` over
+        `cfg.eval.n_batches` eval batches (batch j is eval-stream step `step * n_batches + j`,
+        draws keyed by `eval_key(seed, step, j)`). Device scalars: the loop pulls them at its
+        log cadence."""
+        cfg = self.run.cfg
+        n = cfg.eval.n_batches
+        acc: dict = {}
+        for j in range(n):
+            b = batch_for_step(self.run, cfg.seed, step * n + j, batch=cfg.eval.batch_size, split="eval")
+            m = self.metrics_with_key(params, to_jax_batch(b, self.dtype), eval_key(cfg.seed, step, j, cfg.runtime.mesh.data))
+            acc = m if j == 0 else {k: acc[k] + v for k, v in m.items()}
+        return acc if n == 1 else {k: v / n for k, v in acc.items()}
+
+    def evaluate(self, params: dict, step: int) -> dict[str, float]:
+        """`evaluate_device` as host floats."""
+        return {k: float(v) for k, v in jax.device_get(self.evaluate_device(params, step)).items()}
 
 
 def eval_metrics(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, batch, draws: dict) -> dict:
-    """All eval metrics of one batch (device scalars; see the module docstring). Jitted."""
-    return _jitted(run, model, "draws")(frozen, params, batch, draws)
-
-
-def eval_metrics_with_key(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, batch, key, dtype) -> dict:
-    """Production: `eval_metrics` with the eval draws sampled inside the jitted function from `key`."""
-    return _jitted(run, model, "key")(frozen, params, batch, key, dtype=jnp.dtype(dtype))
-
-
-def evaluate_device(run: ResolvedRun, model: DecomposedModel, params: dict, step: int, dtype) -> dict:
-    """`evaluate` without the host sync: the metrics stay device scalars (the training loop
-    pulls them at its log cadence)."""
-    cfg = run.cfg
-    n = cfg.eval.n_batches
-    acc: dict = {}
-    for j in range(n):
-        b = batch_for_step(run, cfg.seed, step * n + j, batch=cfg.eval.batch_size, split="eval")
-        m = eval_metrics_with_key(run, model, model.frozen, params, to_jax_batch(b, dtype), eval_key(cfg.seed, step, j, cfg.runtime.mesh.data), dtype)
-        acc = m if j == 0 else {k: acc[k] + v for k, v in m.items()}
-    return acc if n == 1 else {k: v / n for k, v in acc.items()}
-
-
-def evaluate(run: ResolvedRun, model: DecomposedModel, params: dict, step: int, dtype) -> dict[str, float]:
-    """The eval of the training loop at `step`: the mean of `eval_metrics` over
-    `cfg.eval.n_batches` eval batches (batch j is eval-stream step `step * n_batches + j`,
-    draws keyed by `eval_key(seed, step, j)`). Host floats."""
-    return {k: float(v) for k, v in jax.device_get(evaluate_device(run, model, params, step, dtype)).items()}
+    """All eval metrics of one batch, unjitted (tests and tools; the loop uses `Evaluator`)."""
+    return _eval_body(run, model, frozen, params, batch, draws)

@@ -1,12 +1,15 @@
-"""Faithfulness, importance minimality and the output divergence (ALGORITHM §5;
-SPEC S20-S24). Mirrors oracle_torch/losses.py."""
+"""Faithfulness, importance minimality and the output divergence
+(SPEC S20-S24). Mirrors oracle_torch/losses.py."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from contract.resolve import ResolvedRun
+from jax_impl.components import DecomposedModel
 
-def faithfulness(run, model, frozen, params):
+
+def faithfulness(run: ResolvedRun, model: DecomposedModel, frozen: dict, params: dict):
     """S21: sum_s ||W_s - V_s U_s||_F^2 / sum_s numel(W_s), from live V/U."""
     total, numel = 0.0, 0
     for s in run.sites:
@@ -17,7 +20,7 @@ def faithfulness(run, model, frozen, params):
     return total / numel
 
 
-def importance_minimality(run, ci_upper: dict, p, beta: float, eps: float):
+def importance_minimality(run: ResolvedRun, ci_upper: dict, p, beta: float, eps: float):
     """S22: per site s and component c, S_sc = sum over ALL positions of the global batch
     of (ci_upper + eps)^p; term = sum_s sum_c [S/N + beta (S/N) log2(1 + S)]."""
     total = 0.0

@@ -1,14 +1,16 @@
-"""Recon terms as plan x mask-source strategy (ALGORITHM §5; SPEC S25-S29). Mirrors
+"""Recon terms as plan x mask-source strategy (SPEC S25-S29). Mirrors
 oracle_torch/recon.py, except that the oracle's per-term `recon_term` is `recon_terms` here:
 all mask-source terms of a step together, their same-shape forwards stacked (S28b)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from contract.backend import NO_PROBE, Probe
 from contract.draws import draw_name
+from contract.resolve import ReconTerm, ResolvedRun
 from jax_impl.components import SiteMode
+from jax_impl.context import StepContext
 from jax_impl.losses import output_divergence
-
 
 # S28b: at most this many forwards per stacked call; a stack multiplies the activation memory
 # of one forward by its size (n_mask_samples x terms can be large)
@@ -28,8 +30,9 @@ def bernoulli_from_uniform(u):
     return (u < 0.5).astype(u.dtype)
 
 
-def site_modes(run, term, ei: int, d: int, ci_lower: dict, draws: dict, pins: dict) -> dict:
-    """The SiteModes of forward (entry ei, draw d) of a recon term (S26, S27). `pins`
+def site_modes(run: ResolvedRun, term: ReconTerm, ei: int, d: int, ci_lower: dict, draws: dict,
+               probe: Probe = NO_PROBE) -> dict:
+    """The SiteModes of forward (entry ei, draw d) of a recon term (S26, S27). `probe.pins`
     (stage bundles) may replace this forward's routes and masks: `route.<tag>`, `mask.<tag>.<site>`."""
     e = term.entries[ei]
     tag = f"t{term.index}.e{ei}.d{d}"
@@ -37,7 +40,7 @@ def site_modes(run, term, ei: int, d: int, ci_lower: dict, draws: dict, pins: di
     if e.routing == "uniform_k":
         routes = route_from_uniforms(draws[draw_name(term.index, ei, d, "route_k")],
                                      draws[draw_name(term.index, ei, d, "route_order")])
-        routes = pins.get(f"route.{tag}", routes)
+        routes = probe.pin(f"route.{tag}", routes)
     modes = {}
     for j, name in enumerate(e.live):
         ci = ci_lower[name]
@@ -55,8 +58,8 @@ def site_modes(run, term, ei: int, d: int, ci_lower: dict, draws: dict, pins: di
             modes[name] = SiteMode(jnp.ones_like(ci), None, route)
         else:
             raise ValueError(f"loss_terms.{term.index}: source {term.source!r} is not implemented")
-        if f"mask.{tag}.{name}" in pins:
-            modes[name].mask = pins[f"mask.{tag}.{name}"].astype(ci.dtype)
+        if f"mask.{tag}.{name}" in probe.pins:
+            modes[name].mask = probe.pins[f"mask.{tag}.{name}"].astype(ci.dtype)
     return modes
 
 
@@ -81,18 +84,20 @@ def stack_modes(modes_list: list[dict], names) -> dict:
     return out
 
 
-def recon_terms(run, model, frozen, params, terms, batch, clean, ci_lower: dict, draws: dict, record=None, pins=None):
+def recon_terms(ctx: StepContext, params: dict, terms: list[ReconTerm], ci_lower: dict, draws: dict,
+                probe: Probe = NO_PROBE) -> dict:
     """{term index: value} for recon terms with mask sources (not the adversaries).
 
     S28b: the masked forwards of all these terms that share their live sites and their delta
     path run as ONE masked forward over the batch repeated along axis 0 (rows never mix in
     a forward, so each slice is that forward's output); each term then averages its own
     forwards' divergences in plan order, as the oracle's `recon_term` does."""
+    run, model, frozen, batch = ctx.run, ctx.model, ctx.frozen, ctx.batch
     forwards = []  # (term, entry index, draw, modes)
     for term in terms:
         for ei, e in enumerate(term.entries):
             for d in range(e.n_draws):
-                forwards.append((term, ei, d, site_modes(run, term, ei, d, ci_lower, draws, pins or {})))
+                forwards.append((term, ei, d, site_modes(run, term, ei, d, ci_lower, draws, probe=probe)))
     groups: dict[tuple, list[int]] = {}
     for i, (term, ei, _, modes) in enumerate(forwards):
         key = (term.entries[ei].live, next(iter(modes.values())).delta_mask is not None)
@@ -111,13 +116,13 @@ def recon_terms(run, model, frozen, params, terms, batch, clean, ci_lower: dict,
     values, counts = {}, {}
     for i, (term, ei, d, modes) in enumerate(forwards):
         e, out = term.entries[ei], outs[i]
-        if record is not None:
+        if probe.record is not None:
             tag = f"t{term.index}.e{ei}.d{d}"
-            record[f"masked_out.{tag}"] = out
+            probe.put(f"masked_out.{tag}", out)
             if e.routing == "uniform_k":
-                record[f"route.{tag}"] = routes_of(modes, e.live)
+                probe.put(f"route.{tag}", routes_of(modes, e.live))
             for name, m in modes.items():
-                record[f"mask.{tag}.{name}"] = m.mask
-        values[term.index] = values.get(term.index, 0.0) + output_divergence(run.cfg.output_loss, out, clean)
+                probe.put(f"mask.{tag}.{name}", m.mask)
+        values[term.index] = values.get(term.index, 0.0) + output_divergence(run.cfg.output_loss, out, ctx.clean)
         counts[term.index] = counts.get(term.index, 0) + 1
     return {k: v / counts[k] for k, v in values.items()}

@@ -1,4 +1,4 @@
-"""The leaky-hard squashing pair (ALGORITHM §4; SPEC S10, S11). Mirrors
+"""The leaky-hard squashing pair (SPEC S10, S11). Mirrors
 oracle_torch/sigmoids.py."""
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ Numerics of the Llama forward (written from the math of transformers' ``modeling
     float32 even when the model is float64, which caps a float64 model at ~1e-8 accuracy; the
     torch oracle lifts the same three float32 islands with the same rule.)
   * the RoPE base is read from the target's config (``rope_parameters.rope_theta`` in
-    transformers 5, top-level ``rope_theta`` in older configs) and never defaulted here; the same
-    for ``rms_norm_eps``. Only the ``default`` rope type is implemented; others are refused.
+    transformers 5, top-level ``rope_theta`` in older configs) by ``contract.targets.rope_theta``,
+    shared with the oracle, and never defaulted; the same for ``rms_norm_eps``. Only the
+    ``default`` rope type is implemented; others are refused.
   * matmuls use ``Precision.HIGHEST`` so accelerators do not silently drop to bf16 passes.
 """
 from __future__ import annotations
@@ -32,7 +33,15 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from contract.layout import file_to_jax, tensor_kind
-from contract.targets import EMBEDS_VS_EMBED_SITE, ModuleInfo, load_target_meta, module_table, resolve_path
+from contract.targets import (
+    EMBEDS_VS_EMBED_SITE,
+    ModuleInfo,
+    expected_file_tensors,
+    load_target_meta,
+    module_table,
+    resolve_path,
+    rope_theta,
+)
 
 SiteFn = Callable[[str, jnp.ndarray], jnp.ndarray]
 
@@ -55,27 +64,6 @@ def _check_dtype(dtype) -> jnp.dtype:
             "(jax.config.update('jax_enable_x64', True) or JAX_ENABLE_X64=1)"
         )
     return dt
-
-
-def expected_file_tensors(kind: str, cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor a target's weight file must hold, with its shape in FILE layout."""
-    out: dict[str, tuple[int, ...]] = {}
-    for m in module_table(kind, cfg):
-        if m.kind == "embedding":
-            out[f"{m.name}.weight"] = (m.d_in, m.d_out)
-        else:
-            out[f"{m.name}.weight"] = (m.d_out, m.d_in)
-            if m.has_bias:
-                out[f"{m.name}.bias"] = (m.d_out,)
-    if kind == "resid_mlp":
-        out["W_E"] = (cfg["n_features"], cfg["d_embed"])
-    if kind == "llama":
-        d = cfg["hidden_size"]
-        for i in range(cfg["num_hidden_layers"]):
-            out[f"model.layers.{i}.input_layernorm.weight"] = (d,)
-            out[f"model.layers.{i}.post_attention_layernorm.weight"] = (d,)
-        out["model.norm.weight"] = (d,)
-    return out
 
 
 def load_frozen(weights_path: str | Path, dtype=jnp.float32) -> tuple[str, dict, dict[str, jnp.ndarray]]:
@@ -142,18 +130,6 @@ def default_site(kind: str, cfg: dict, frozen: dict[str, jnp.ndarray]) -> SiteFn
 
 # ----------------------------------------------------------------------------------------------
 # Llama pieces
-
-
-def rope_theta(cfg: dict) -> float:
-    """RoPE base from a Hugging Face Llama config dict (transformers 5 or older layouts)."""
-    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rtype = rp.get("rope_type", rp.get("type", "default"))
-    if rtype != "default":
-        raise NotImplementedError(f"target.config: rope_type {rtype!r} is not implemented (only 'default')")
-    theta = rp.get("rope_theta", cfg.get("rope_theta"))
-    if theta is None:
-        raise ValueError("target.config: no RoPE base (rope_parameters.rope_theta / rope_theta) in the target config")
-    return float(theta)
 
 
 def _compute_dtype(dt) -> jnp.dtype:

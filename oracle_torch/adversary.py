@@ -1,4 +1,4 @@
-"""Adversarial mask sources: fresh PGD and persistent PGD (ALGORITHM §6; SPEC S80-S87).
+"""Adversarial mask sources: fresh PGD and persistent PGD (SPEC S80-S87).
 A source tensor per live site has the scope's leading shape and C(+1) channels; the mask
 is `ci + (1 - ci) * src[..., :C]` and the delta mask `src[..., C]` (raw)."""
 from __future__ import annotations
@@ -6,8 +6,11 @@ from __future__ import annotations
 import torch
 
 from contract.adversary import n_channels, source_shape
+from contract.backend import NO_PROBE, Probe
 from contract.draws import draw_name
+from contract.resolve import ReconTerm
 from oracle_torch.components import SiteMode
+from oracle_torch.context import StepContext
 from oracle_torch.losses import output_divergence
 from oracle_torch.recon import route_from_uniforms
 
@@ -19,70 +22,69 @@ def expand_rows(src: torch.Tensor, batch_rows: int, scope: str) -> torch.Tensor:
     return src[torch.arange(batch_rows) % src.shape[0]]
 
 
-def source_modes(run, live, ci: dict, srcs: dict, routes, scope: str, batch_rows: int) -> dict[str, SiteMode]:
+def source_modes(ctx: StepContext, live, ci: dict, srcs: dict, routes, scope: str) -> dict[str, SiteMode]:
+    """The SiteModes of one forward with adversarial sources (S80, S81, S83)."""
     modes = {}
     for j, name in enumerate(live):
-        C = run.site(name).C
-        src = expand_rows(srcs[name], batch_rows, scope)
+        C = ctx.run.site(name).C
+        src = expand_rows(srcs[name], ctx.batch.shape[0], scope)
         mask = ci[name] + (1 - ci[name]) * src[..., :C]
-        dm = src[..., C] if run.cfg.use_delta_component else None
+        dm = src[..., C] if ctx.run.cfg.use_delta_component else None
         modes[name] = SiteMode(mask, dm, None if routes is None else routes[..., j])
     return modes
 
 
-def entry_routes(term, ei: int, draws: dict, pins: dict):
+def entry_routes(term: ReconTerm, ei: int, draws: dict, probe: Probe = NO_PROBE):
+    """The routes of entry ei, drawn once (draw 0) and shared by every ascent and the loss (S80)."""
     if term.entries[ei].routing != "uniform_k":
         return None
     r = route_from_uniforms(draws[draw_name(term.index, ei, 0, "route_k")],
                             draws[draw_name(term.index, ei, 0, "route_order")])
-    return pins.get(f"route.t{term.index}.e{ei}.d0", r)
+    return probe.pin(f"route.t{term.index}.e{ei}.d0", r)
 
 
-def source_divergence(run, model, live, batch, clean, ci, srcs, routes, scope):
-    """D of one forward with the given sources."""
-    out = model.masked_forward(batch, source_modes(run, live, ci, srcs, routes, scope, batch.shape[0]))
-    return output_divergence(run.cfg.output_loss, out, clean), out
+def source_divergence(ctx: StepContext, live, ci: dict, srcs: dict, routes, scope: str):
+    """(D, output) of one forward with the given sources."""
+    out = ctx.model.masked_forward(ctx.batch, source_modes(ctx, live, ci, srcs, routes, scope))
+    return output_divergence(ctx.run.cfg.output_loss, out, ctx.clean), out
 
 
 # ------------------------------------------------------------------ fresh PGD
-def fresh_init(tc, run, name: str, draws: dict, key: str, batch_shape, dtype) -> torch.Tensor:
+def fresh_init(ctx: StepContext, tc, name: str, draws: dict, key: str) -> torch.Tensor:
     """S80: random (from the draw plan) | ones | zeroes."""
     if tc.init == "random":
         return draws[key].clone()
-    shape = source_shape(tuple(batch_shape), tc.scope, n_channels(run.cfg, run.site(name).C))
-    return (torch.ones if tc.init == "ones" else torch.zeros)(shape, dtype=dtype)
+    shape = source_shape(ctx.batch_shape, tc.scope, n_channels(ctx.run.cfg, ctx.run.site(name).C))
+    return (torch.ones if tc.init == "ones" else torch.zeros)(shape, dtype=ctx.clean.dtype)
 
 
-def sign_ascent(run, model, live, batch, clean, ci_det, srcs, routes, scope, step_size: float, n_steps: int):
+def sign_ascent(ctx: StepContext, live, ci_det: dict, srcs: dict, routes, scope: str, step_size: float,
+                n_steps: int) -> dict:
     """S80: n_steps of src <- clamp(src + step_size * sign(dD/dsrc), 0, 1), components and CI
     detached (the gradient is taken w.r.t. the sources only)."""
     for _ in range(n_steps):
         leaves = {n: s.detach().requires_grad_(True) for n, s in srcs.items()}
-        d, _ = source_divergence(run, model, live, batch, clean, ci_det, leaves, routes, scope)
+        d, _ = source_divergence(ctx, live, ci_det, leaves, routes, scope)
         grads = torch.autograd.grad(d, list(leaves.values()))
         srcs = {n: (leaves[n].detach() + step_size * torch.sign(g)).clamp(0.0, 1.0) for n, g in zip(leaves, grads)}
     return srcs
 
 
-def fresh_pgd_term(run, model, term, batch, clean, ci_lower: dict, draws: dict, record=None, pins=None):
+def fresh_pgd_term(ctx: StepContext, term: ReconTerm, ci_lower: dict, draws: dict, probe: Probe = NO_PROBE):
     """S80: per entry, fresh sources, routing drawn once and shared by every ascent and the
     final loss; the final forward uses the (stop-gradient) sources with live CI and V/U."""
-    tc = run.cfg.loss_terms[term.index]
-    pins = pins or {}
-    bs = tuple(batch.shape[:len(run.batch_shape)])
+    tc = ctx.run.cfg.loss_terms[term.index]
     total = 0.0
     for ei, e in enumerate(term.entries):
-        routes = entry_routes(term, ei, draws, pins)
-        srcs = {n: fresh_init(tc, run, n, draws, draw_name(term.index, ei, 0, f"{n}.pgd_init"), bs, clean.dtype)
-                for n in e.live}
+        routes = entry_routes(term, ei, draws, probe=probe)
+        srcs = {n: fresh_init(ctx, tc, n, draws, draw_name(term.index, ei, 0, f"{n}.pgd_init")) for n in e.live}
         ci_det = {n: ci_lower[n].detach() for n in e.live}
-        srcs = sign_ascent(run, model, e.live, batch, clean, ci_det, srcs, routes, tc.scope, tc.step_size, tc.n_steps)
-        d, out = source_divergence(run, model, e.live, batch, clean, ci_lower, srcs, routes, tc.scope)
-        if record is not None:
-            tag = f"t{term.index}.e{ei}.d0"
-            record[f"masked_out.{tag}"] = out
-            for n, s in srcs.items():
-                record[f"source.{tag}.{n}"] = s
+        srcs = sign_ascent(ctx, e.live, ci_det, srcs, routes, tc.scope, tc.step_size, tc.n_steps)
+        d, out = source_divergence(ctx, e.live, ci_lower, srcs, routes, tc.scope)
+        tag = f"t{term.index}.e{ei}.d0"
+        probe.put(f"masked_out.{tag}", out)
+        for n, s in srcs.items():
+            probe.put(f"source.{tag}.{n}", s)
         total = total + d
     return total / len(term.entries)
 
@@ -112,26 +114,25 @@ def init_source_opt(srcs: dict) -> dict:
             "v": {n: torch.zeros_like(s) for n, s in srcs.items()}, "t": 0}
 
 
-def persistent_warmup(run, model, term, batch, clean, ci_det: dict, srcs: dict, opt: dict, lr: float) -> None:
+def persistent_warmup(ctx: StepContext, term: ReconTerm, ci_det: dict, srcs: dict, opt: dict, lr: float) -> None:
     """S84 (1): n_warmup ascents on the term's recon loss, components and CI detached,
-    every site live and routed everywhere."""
-    tc = run.cfg.loss_terms[term.index]
+    every site live and routed everywhere. Updates `srcs` and `opt` in place."""
+    tc = ctx.run.cfg.loss_terms[term.index]
     for _ in range(tc.n_warmup):
         leaves = {n: s.detach().requires_grad_(True) for n, s in srcs.items()}
-        d, _ = source_divergence(run, model, run.site_names, batch, clean, ci_det, leaves, None, tc.scope)
+        d, _ = source_divergence(ctx, ctx.run.site_names, ci_det, leaves, None, tc.scope)
         grads = dict(zip(leaves, torch.autograd.grad(d, list(leaves.values()))))
         adam_ascent(srcs, grads, opt, lr, tc.optimizer)
 
 
-def persistent_pgd_term(run, model, term, batch, clean, ci_lower: dict, srcs: dict, draws: dict, record=None, pins=None):
+def persistent_pgd_term(ctx: StepContext, term: ReconTerm, ci_lower: dict, srcs: dict, draws: dict,
+                        probe: Probe = NO_PROBE):
     """S84 (2): the main loss with the sources as leaves (their gradient is the final ascent)."""
-    tc = run.cfg.loss_terms[term.index]
-    pins = pins or {}
+    tc = ctx.run.cfg.loss_terms[term.index]
     total = 0.0
     for ei, e in enumerate(term.entries):
-        routes = entry_routes(term, ei, draws, pins)
-        d, out = source_divergence(run, model, e.live, batch, clean, ci_lower, srcs, routes, tc.scope)
-        if record is not None:
-            record[f"masked_out.t{term.index}.e{ei}.d0"] = out
+        routes = entry_routes(term, ei, draws, probe=probe)
+        d, out = source_divergence(ctx, e.live, ci_lower, srcs, routes, tc.scope)
+        probe.put(f"masked_out.t{term.index}.e{ei}.d0", out)
         total = total + d
     return total / len(term.entries)

@@ -11,7 +11,8 @@ Layout: `out_dir/checkpoints/step_{step:08d}/` holds
   contract/layout.py.
 - `meta.json`: step, the resolved config (`run.cfg.to_dict()`) and its hash, dtype, the
   sha256 of the target weights, library versions, date, and `extra` (training-state
-  notes such as the faithfulness-warmup losses).
+  notes such as the faithfulness-warmup losses); built and checked by
+  contract/checkpoint_meta.py, shared with the JAX trainer.
 
 A save is atomic: everything is written into a hidden temp dir beside the final one,
 fsynced, then renamed into place; a crash mid-save leaves the previous checkpoints intact
@@ -20,49 +21,31 @@ Resuming under a different config (or dtype, or target weights) is refused with 
 """
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
 import os
-import platform
 import re
 import shutil
 import uuid
 from pathlib import Path
 
-import numpy as np
 import safetensors
 import safetensors.torch as st
 import torch
 
-from contract.config import ConfigError, config_diff
+from contract import checkpoint_meta as cm
+from contract.checkpoint_meta import META_FILE, read_meta, target_sha256  # noqa: F401  (public names)
 from contract.init import init_state
 from contract.resolve import ResolvedRun
-from contract.targets import resolve_path
-from oracle_torch.train import TrainState, make_state
+from oracle_torch.state import TrainState, make_state
 
 CKPT_SUBDIR = "checkpoints"
 FORMAT = "vpd-torch-oracle-checkpoint/1"
 STATE_FILE = "state.safetensors"
-META_FILE = "meta.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 GROUPS = ("components", "ci_fn")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.float64: "float64"}.get(dtype, str(dtype))
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def target_sha256(run: ResolvedRun) -> str:
-    return _file_sha256(resolve_path(run.cfg.target.weights))
 
 
 def _optimizer(state: TrainState, group: str) -> torch.optim.AdamW:
@@ -102,8 +85,7 @@ def state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
 
 
 def _versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "safetensors": safetensors.__version__}
+    return cm.base_versions() | {"torch": torch.__version__, "safetensors": safetensors.__version__}
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -116,6 +98,10 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 
 def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / CKPT_SUBDIR
+
+
+def clear_checkpoints(out_dir: str | Path) -> None:
+    shutil.rmtree(checkpoint_root(out_dir), ignore_errors=True)
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -152,7 +138,7 @@ def _clean_stale(root: Path) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, state: TrainState, run: ResolvedRun, step: int, keep: int,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | None = None, extra: dict | None = None) -> Path:
     """Write `out_dir/checkpoints/step_{step:08d}/` atomically; keep the last `keep`."""
     if state.step != step:
         raise ValueError(f"save_checkpoint: state is at step {state.step}, asked to save it as step {step}")
@@ -164,26 +150,13 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, run: ResolvedRun, st
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     dtype = dtype or next(iter(state.params.values())).dtype
-    cfg = run.cfg.to_dict()
-    meta = {
-        "format": FORMAT,
-        "backend": "torch_oracle",
-        "step": step,
-        "config": cfg,
-        "config_hash": run.cfg.hash(),
-        "dtype": _dtype_name(dtype),
-        "target_sha256": target_sha256(run),
-        "param_order": list(state.params),
-        "versions": _versions(),
-        "platform": platform.platform(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "extra": state.extra,
-    }
+    meta = cm.build_meta(run, step, _dtype_name(dtype), backend="torch_oracle", fmt=FORMAT, versions=_versions(),
+                         extra=extra, param_order=list(state.params))
     try:
         tmp.mkdir()
         st.save_file(state_tensors(state), str(tmp / STATE_FILE),
                      metadata={"format": FORMAT, "step": str(step), "config_hash": meta["config_hash"]})
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        (tmp / META_FILE).write_text(cm.meta_json(meta))
         for f in (STATE_FILE, META_FILE):
             _fsync_path(tmp / f)
         _fsync_path(tmp, directory=True)
@@ -204,27 +177,9 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, run: ResolvedRun, st
     return final
 
 
-def read_meta(path: str | Path) -> dict:
-    path = Path(path)
-    m = path / META_FILE
-    if not m.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: {META_FILE} not found (not a checkpoint directory?)")
-    return json.loads(m.read_text())
-
-
 def check_compatible(meta: dict, run: ResolvedRun, dtype: torch.dtype, path: Path) -> None:
-    """Refuse a resume under another config, dtype or target (ConfigError with a diff)."""
-    diff = config_diff(meta["config"], run.cfg.to_dict())
-    if diff:
-        raise ConfigError(f"cannot resume from {path}: it was written under a different config "
-                          f"(checkpoint -> this run):\n" + "\n".join(diff) +
-                          "\nuse the checkpoint's config, or start afresh (--no-resume / another --out)")
-    if meta.get("dtype") != _dtype_name(dtype):
-        raise ConfigError(f"cannot resume from {path}: it holds a {meta.get('dtype')} state, this run is {_dtype_name(dtype)}")
-    sha = target_sha256(run)
-    if meta.get("target_sha256") not in (None, sha):
-        raise ConfigError(f"cannot resume from {path}: the target weights {run.cfg.target.weights} changed since it was written "
-                          f"(sha256 {meta['target_sha256'][:12]}… -> {sha[:12]}…)")
+    """Refuse a resume under another config, dtype or target (ConfigError with a diff; S94)."""
+    cm.check_compatible(meta, run, _dtype_name(dtype), path)
 
 
 def load_checkpoint(path: str | Path, run: ResolvedRun, dtype: torch.dtype) -> TrainState:
@@ -232,8 +187,7 @@ def load_checkpoint(path: str | Path, run: ResolvedRun, dtype: torch.dtype) -> T
     sources and their ascent state, and state.step exactly."""
     path = Path(path)
     meta = read_meta(path)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    cm.check_format(meta, FORMAT, path)
     check_compatible(meta, run, dtype, path)
     tensors = st.load_file(str(path / STATE_FILE))
     expected = init_state(run)  # canonical names, order and shapes
@@ -273,5 +227,4 @@ def load_checkpoint(path: str | Path, run: ResolvedRun, dtype: torch.dtype) -> T
     state.step = int(tensors["step"])
     if state.step != meta["step"]:
         raise ValueError(f"checkpoint {path}: meta.json says step {meta['step']}, the state holds {state.step}")
-    state.extra = dict(meta.get("extra") or {})
     return state

@@ -1,4 +1,4 @@
-"""Causal-importance functions over a flat parameter dict (ALGORITHM §4; SPEC S13-S17).
+"""Causal-importance functions over a flat parameter dict (SPEC S13-S17).
 Parameter names and shapes come from contract/init.py. Returns pre-activation logits z
 per site, shape [..., C_s]."""
 from __future__ import annotations

@@ -1,90 +1,14 @@
-"""vpd-oracle: train with the torch oracle (one process).
-
-    python -m oracle_torch.cli train CONFIG --out DIR [--no-resume] [--dtype float32|float64]
-                                             [--steps N] [--threads N] [--quiet]
-
-Overrides (--steps, --dtype) are written into the resolved config, so they are recorded in
-every checkpoint and a resume under other overrides is refused with a diff. A config or
-file problem prints one line `vpd-oracle: error: ...` and exits with code 2; an
-interrupted run (SIGINT/SIGTERM) saves a checkpoint and exits with 128 + signal number.
-"""
+"""vpd-oracle: train with the torch oracle (one process). The command line is the shared
+one of loop/cli.py; see there (or `--help`) for the options and exit codes."""
 from __future__ import annotations
 
-from contract import runlog
-
-import argparse
-import signal
 import sys
 
-PROG = "vpd-oracle"
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description="Train a VPD decomposition with the torch oracle.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train CONFIG into --out DIR (resumes from DIR's latest checkpoint)")
-    t.add_argument("config", help="YAML run config (configs/*.yaml)")
-    t.add_argument("--out", required=True, help="run directory: metrics.jsonl and checkpoints/")
-    t.add_argument("--no-resume", action="store_true",
-                   help="start afresh (clears DIR's old checkpoints and metrics) instead of resuming")
-    t.add_argument("--dtype", choices=["float32", "float64"], help="override runtime.dtype")
-    t.add_argument("--steps", type=int, help="override steps (recorded in the resolved config)")
-    t.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    return ap
-
-
-def _error(msg: str) -> int:
-    print(f"{PROG}: error: {runlog.one_line(msg)}", file=sys.stderr)
-    return 2
-
-
-def load_run(config: str, steps: int | None = None, dtype: str | None = None):
-    return runlog.load_run(config, steps, dtype, backend="torch")
-
-
-def cmd_train(args) -> int:
-    from contract.config import ConfigError
-
-    try:
-        run = load_run(args.config, args.steps, args.dtype)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        return _error(str(e))
-    import torch
-
-    from oracle_torch.train import train
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        summary = train(run, args.out, resume=not args.no_resume, progress=not args.quiet)
-    except (ConfigError, FileNotFoundError) as e:
-        return _error(str(e))
-    except KeyboardInterrupt:
-        print(f"{PROG}: aborted (no checkpoint written by this interruption)", file=sys.stderr)
-        return 130
-    if summary["start_step"] > 0:
-        print(f"resumed from step {summary['start_step']}")
-    fm = summary["final_metrics"]
-    if fm:
-        print(f"loss/total {fm['loss/total']:.6g} (last logged step)")
-    if summary["final_eval"]:
-        ev = {k: v for k, v in summary["final_eval"].items() if "/l0/" not in k}
-        print("eval: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
-    print(f"metrics: {summary['metrics_path']}")
-    print(f"checkpoints: {summary['checkpoint_dir']} (latest: {summary['last_checkpoint']})")
-    if summary["interrupted"]:
-        print(f"interrupted by {summary['signal']} at step {summary['step']}; rerun the same command to resume",
-              file=sys.stderr)
-        return 128 + int(getattr(signal, summary["signal"]))
-    return 0
+from loop import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "train":
-        return cmd_train(args)
-    return _error(f"unknown command {args.command!r}")
+    return cli.main("torch", argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The decomposed model: a frozen torch target whose site modules are swapped for
 `SiteModule`s that run either the frozen path or the masked decomposed path
-(ALGORITHM §3; SPEC S4-S8). Trainable state lives in a flat dict of Parameters
+(SPEC S4-S8). Trainable state lives in a flat dict of Parameters
 (names from contract/init.py)."""
 from __future__ import annotations
 

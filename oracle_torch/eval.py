@@ -5,7 +5,7 @@ On one eval batch (`contract.data.batch_for_step(run, seed, k, batch=cfg.eval.ba
 split="eval")`), with every site live and routed everywhere:
 
 - `eval/l0/{site}`: mean over positions of #components with ci_lower > 0;
-- the output loss under five masks (ALGORITHM §5 sources, plus two diagnostics):
+- the output loss under five masks (the S26 sources, plus two diagnostics):
     ci          mask = ci_lower, no delta path
     stochastic  mask = ci + (1 - ci)·u (u Bernoulli(½) = `u < 0.5` under binomial),
                 delta mask = raw u_delta when use_delta_component
@@ -33,16 +33,16 @@ import torch.nn.functional as F
 from contract.adversary import n_channels, source_shape
 from contract.data import batch_for_step
 from contract.draws import DrawSpec
+from contract.metrics import EVAL_VARIANTS
 from contract.resolve import ResolvedRun
 from oracle_torch.adversary import sign_ascent, source_divergence
 from oracle_torch.ci_fn import ci_logits
 from oracle_torch.components import DecomposedModel, SiteMode, inner_act
+from oracle_torch.context import StepContext
 from oracle_torch.losses import output_divergence
 from oracle_torch.recon import bernoulli_from_uniform
 from oracle_torch.sigmoids import ci_pair
 from oracle_torch.train import l0_per_site
-
-EVAL_VARIANTS = ("ci", "stochastic", "unmasked", "rounded", "zero")
 
 
 def eval_draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...]) -> list[DrawSpec]:
@@ -140,19 +140,20 @@ def eval_metrics(run: ResolvedRun, model: DecomposedModel, params: dict, batch, 
         else:
             out[f"eval/mse/{v}"] = float(output_divergence("mse", pred, clean))
     if run.cfg.eval.pgd_steps:
-        out[f"eval/pgd/{'kl' if llama else 'mse'}"] = float(pgd_probe(run, model, batch, clean, ci_lower, draws))
+        ctx = StepContext(run=run, model=model, batch=batch, clean=clean)
+        out[f"eval/pgd/{'kl' if llama else 'mse'}"] = float(pgd_probe(ctx, ci_lower, draws))
     return out
 
 
-def pgd_probe(run: ResolvedRun, model: DecomposedModel, batch, clean, ci_lower: dict, draws: dict):
+def pgd_probe(ctx: StepContext, ci_lower: dict, draws: dict) -> torch.Tensor:
     """S88: the recon loss under a fresh-PGD adversary (every site live, routed everywhere,
     per-position sources from `eval.<site>.pgd_init`, `eval.pgd_steps` sign ascents of
     `eval.pgd_step_size`). Detached: a metric, never a loss."""
-    e = run.cfg.eval
-    srcs = {n: draws[f"eval.{n}.pgd_init"] for n in run.site_names}
+    e, sites = ctx.run.cfg.eval, ctx.run.site_names
+    srcs = {n: draws[f"eval.{n}.pgd_init"] for n in sites}
     with torch.enable_grad():
-        srcs = sign_ascent(run, model, run.site_names, batch, clean, ci_lower, srcs, None, "bsc", e.pgd_step_size, e.pgd_steps)
-    d, _ = source_divergence(run, model, run.site_names, batch, clean, ci_lower, srcs, None, "bsc")
+        srcs = sign_ascent(ctx, sites, ci_lower, srcs, None, "bsc", e.pgd_step_size, e.pgd_steps)
+    d, _ = source_divergence(ctx, sites, ci_lower, srcs, None, "bsc")
     return d
 
 

@@ -1,12 +1,14 @@
-"""Faithfulness, importance minimality and the output divergence (ALGORITHM §5;
-SPEC S20-S24)."""
+"""Faithfulness, importance minimality and the output divergence
+(SPEC S20-S24)."""
 from __future__ import annotations
-
 
 import torch
 
+from contract.resolve import ResolvedRun
+from oracle_torch.components import DecomposedModel
 
-def faithfulness(run, model, params) -> torch.Tensor:
+
+def faithfulness(run: ResolvedRun, model: DecomposedModel, params: dict) -> torch.Tensor:
     """S21: sum_s ||W_s - V_s U_s||_F^2 / sum_s numel(W_s), from live V/U."""
     total, numel = 0.0, 0
     for s in run.sites:
@@ -17,7 +19,7 @@ def faithfulness(run, model, params) -> torch.Tensor:
     return total / numel
 
 
-def importance_minimality(run, ci_upper: dict, p: float, beta: float, eps: float) -> torch.Tensor:
+def importance_minimality(run: ResolvedRun, ci_upper: dict, p: float, beta: float, eps: float) -> torch.Tensor:
     """S22: per site s and component c, S_sc = sum over ALL positions of the global batch
     of (ci_upper + eps)^p; term = sum_s sum_c [S/N + beta (S/N) log2(1 + S)]. The log is
     taken of the global sum (never per shard), sites are never merged."""

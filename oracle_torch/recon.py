@@ -1,4 +1,4 @@
-"""Recon terms as plan x mask-source strategy (ALGORITHM §5; SPEC S25-S29). A plan's
+"""Recon terms as plan x mask-source strategy (SPEC S25-S29). A plan's
 entries (contract.resolve) list live sites, routing and number of draws; each draw is one
 masked forward; the term is the mean output divergence over all forwards of all entries.
 Draw names and the routing rule come from contract/draws.py."""
@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import torch
 
+from contract.backend import NO_PROBE, Probe
 from contract.draws import draw_name
+from contract.resolve import ReconTerm, ResolvedRun
 from oracle_torch.components import SiteMode
+from oracle_torch.context import StepContext
 from oracle_torch.losses import output_divergence
 
 
@@ -23,8 +26,9 @@ def bernoulli_from_uniform(u: torch.Tensor) -> torch.Tensor:
     return (u < 0.5).to(u.dtype)
 
 
-def site_modes(run, term, ei: int, d: int, ci_lower: dict, draws: dict, pins: dict) -> dict[str, SiteMode]:
-    """The SiteModes of forward (entry ei, draw d) of a recon term (S26, S27). `pins`
+def site_modes(run: ResolvedRun, term: ReconTerm, ei: int, d: int, ci_lower: dict, draws: dict,
+               probe: Probe = NO_PROBE) -> dict[str, SiteMode]:
+    """The SiteModes of forward (entry ei, draw d) of a recon term (S26, S27). `probe.pins`
     (stage bundles) may replace this forward's routes and masks: `route.<tag>`, `mask.<tag>.<site>`."""
     e = term.entries[ei]
     tag = f"t{term.index}.e{ei}.d{d}"
@@ -32,7 +36,7 @@ def site_modes(run, term, ei: int, d: int, ci_lower: dict, draws: dict, pins: di
     if e.routing == "uniform_k":
         routes = route_from_uniforms(draws[draw_name(term.index, ei, d, "route_k")],
                                      draws[draw_name(term.index, ei, d, "route_order")])
-        routes = pins.get(f"route.{tag}", routes)
+        routes = probe.pin(f"route.{tag}", routes)
     modes = {}
     for j, name in enumerate(e.live):
         ci = ci_lower[name]
@@ -50,8 +54,8 @@ def site_modes(run, term, ei: int, d: int, ci_lower: dict, draws: dict, pins: di
             modes[name] = SiteMode(torch.ones_like(ci), None, route)
         else:
             raise ValueError(f"loss_terms.{term.index}: source {term.source!r} is not implemented")
-        if f"mask.{tag}.{name}" in pins:
-            modes[name].mask = pins[f"mask.{tag}.{name}"]
+        if f"mask.{tag}.{name}" in probe.pins:
+            modes[name].mask = probe.pins[f"mask.{tag}.{name}"]
     return modes
 
 
@@ -60,19 +64,21 @@ def routes_of(modes: dict, live):
     return torch.stack([modes[n].route for n in live], -1)
 
 
-def recon_term(run, model, term, batch, clean, ci_lower: dict, draws: dict, record=None, pins=None) -> torch.Tensor:
+def recon_term(ctx: StepContext, term: ReconTerm, ci_lower: dict, draws: dict,
+               probe: Probe = NO_PROBE) -> torch.Tensor:
+    """S28: the mean output divergence over every forward of every entry of one mask-source term."""
     total, n = 0.0, 0
     for ei, e in enumerate(term.entries):
         for d in range(e.n_draws):
-            modes = site_modes(run, term, ei, d, ci_lower, draws, pins or {})
-            out = model.masked_forward(batch, modes)
-            if record is not None:
+            modes = site_modes(ctx.run, term, ei, d, ci_lower, draws, probe=probe)
+            out = ctx.model.masked_forward(ctx.batch, modes)
+            if probe.record is not None:
                 tag = f"t{term.index}.e{ei}.d{d}"
-                record[f"masked_out.{tag}"] = out
+                probe.put(f"masked_out.{tag}", out)
                 if e.routing == "uniform_k":
-                    record[f"route.{tag}"] = routes_of(modes, e.live)
+                    probe.put(f"route.{tag}", routes_of(modes, e.live))
                 for name, m in modes.items():
-                    record[f"mask.{tag}.{name}"] = m.mask
-            total = total + output_divergence(run.cfg.output_loss, out, clean)
+                    probe.put(f"mask.{tag}.{name}", m.mask)
+            total = total + output_divergence(ctx.run.cfg.output_loss, out, ctx.clean)
             n += 1
     return total / n

@@ -1,4 +1,4 @@
-"""Targets on the torch side: TMS, ResidMLP, and a Hugging Face Llama (ALGORITHM.md §10).
+"""Targets on the torch side: TMS, ResidMLP, and a Hugging Face Llama (SPEC S65-S67).
 
 `build_target(kind, cfg)` builds a fresh (trainable) target from the hyper-parameters in the
 target's JSON; `load_target(weights)` builds it and loads the shipped safetensors strictly;
@@ -9,7 +9,8 @@ eager attention softmax in float32 *whatever the working dtype*, which silently 
 float64 model at float32 accuracy. Here those three places compute in
 `promote_types(working dtype, float32)` instead: bit-identical to stock transformers in
 float32 (and bf16, which upcasts to float32 as before), true float64 in float64.
-The JAX mirror implements the same rule. Only the default RoPE type is supported.
+The JAX mirror implements the same rule. Only the default RoPE type is supported, and its
+base is read from the target's config, never defaulted (`contract.targets.rope_theta`, S67).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from contract.targets import EMBEDS_VS_EMBED_SITE, load_target_meta, resolve_path
+from contract.targets import EMBEDS_VS_EMBED_SITE, load_target_meta, resolve_path, rope_theta
 
 ATTN_IMPL = "vpd_eager"  # eager attention with the softmax in promote(dtype, float32)
 
@@ -133,11 +134,9 @@ def _build_llama(cfg: dict) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
+    theta = rope_theta(cfg)  # the default RoPE only, its base from the config (refusals shared with JAX)
     _register_attention()
     config = LlamaConfig.from_dict(dict(cfg))
-    rope = config.rope_parameters or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"target.config.rope_parameters: only the default RoPE is supported, got {rope!r}")
     config.use_cache = False
     config._attn_implementation = ATTN_IMPL
     model = LlamaForCausalLM(config)
@@ -148,7 +147,7 @@ def _build_llama(cfg: dict) -> nn.Module:
         if isinstance(m, LlamaRMSNorm):
             m.forward = types.MethodType(_rmsnorm_forward, m)
         elif isinstance(m, LlamaRotaryEmbedding):
-            m._vpd_base = float(rope["rope_theta"])
+            m._vpd_base = theta
             m._vpd_dim = int(head_dim)
             m.forward = types.MethodType(_rotary_forward, m)
     return model

@@ -30,7 +30,7 @@ GOLDENS = REPO_ROOT / "goldens"
 
 def versions() -> dict:
     import importlib.metadata as md
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    out: dict[str, str | None] = {"python": sys.version.split()[0], "platform": platform.platform()}
     for pkg in ("numpy", "torch", "jax", "jaxlib", "optax", "transformers"):
         try:
             out[pkg] = md.version(pkg)
@@ -59,7 +59,7 @@ def write_golden(case: Case, records: list[dict], grads: dict, warmup: list[floa
         "case": case.name, "why": case.why, "config": cfg.to_dict(), "config_hash": cfg.hash(),
         "precision": case.precision, "steps": case.steps, "generator": "oracle_torch",
         "oracle_lock_hash": oracle_hash(), "versions": versions(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "reason": reason,
     }
     (d / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -127,7 +127,7 @@ def compare_records(rep: Report, got: list[dict], want: list[dict], precision: s
     """Fail closed on keys; per step the first diverging metric is reported in step order."""
     if len(got) != len(want):
         rep.failures.append(f"{len(got)} steps produced, golden has {len(want)}")
-    for k, (g, w) in enumerate(zip(got, want)):
+    for k, (g, w) in enumerate(zip(got, want, strict=False)):  # a length mismatch is reported above; compare the common steps
         extra, absent = sorted(set(g) - set(w)), sorted(set(w) - set(g))
         if extra:
             rep.failures.append(f"step {k}: produced keys with no golden: {extra[:6]}")
@@ -175,7 +175,7 @@ def compare_warmup(rep: Report, got: list[float], want: list[float], precision: 
     if len(got) != len(want):
         rep.failures.append(f"faithfulness warmup: {len(got)} losses vs golden {len(want)}")
     t = tol(precision, "trajectory")
-    for k, (g, w) in enumerate(zip(got, want)):
+    for k, (g, w) in enumerate(zip(got, want, strict=False)):  # a length mismatch is reported above; compare the common steps
         e = rel_err(g, w, t.floor)
         rep.note("warmup", e, t.rel, f"warmup step {k}")
         if e > t.rel:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 
 from parity.cases import CASES
@@ -20,7 +19,8 @@ from parity.runners import make_inputs, run_oracle
 
 def _deltas(old, records) -> list[tuple[float, str, float, float]]:
     out = []
-    for k, (o, n) in enumerate(zip(old.trajectory, records)):
+    # the steps both runs have (a regeneration may change a case's number of steps)
+    for k, (o, n) in enumerate(zip(old.trajectory, records, strict=False)):
         for key in set(o) & set(n):
             out.append((rel_err(float(o[key]), float(n[key]), 1e-12), f"step {k} {key}", o[key], n[key]))
     return sorted(out, reverse=True)
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     if problem and not a.update_lock:
         print(f"refusing to regenerate: {problem}", file=sys.stderr)
         return 2
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     if a.update_lock:
         lock = write_lock(a.reason, date)
         print(f"oracle lock updated: {lock['oracle_hash'][:16]}")

@@ -35,53 +35,31 @@ def make_inputs(run: ResolvedRun, precision: str, n_steps: int) -> Inputs:
                   [sample_numpy(plan, seed, k) for k in range(n_steps)])
 
 
-def _np(x) -> float:
-    return float(np.asarray(x))
+def run_backend(name: str, inp: Inputs, grads_at_step0: bool = True):
+    """Run backend `name` ("torch" | "jax") on `inp` through the backend interface.
+    -> (records per step, {leaf: step-0 grad ndarray}, warmup losses)."""
+    from contract.backend import Probe
+    from contract.runlog import with_dtype
+    from loop.backends import make_backend
+
+    if name == "torch":
+        import torch
+        torch.set_num_threads(1)
+    backend = make_backend(name, with_dtype(inp.run, inp.precision))
+    state, warm = backend.faithfulness_warmup(backend.new_state(inp.init))
+    records, grads0 = [], {}
+    for k, (b, d) in enumerate(zip(inp.batches, inp.draws, strict=True)):
+        record: dict | None = {} if (k == 0 and grads_at_step0) else None
+        state, m = backend.train_step(state, k, b, d, None if record is None else Probe(record))
+        records.append(backend.host_metrics(m))
+        if record is not None:
+            grads0 = {n[5:]: v for n, v in record.items() if n.startswith("grad.")}
+    return records, grads0, warm
 
 
 def run_oracle(inp: Inputs, grads_at_step0: bool = True):
-    """-> (records per step, {leaf: step-0 grad ndarray}, warmup losses)."""
-    import torch
-
-    from oracle_torch.components import DecomposedModel
-    from oracle_torch.train import faithfulness_warmup, make_state, torch_dtype, train_step
-
-    torch.set_num_threads(1)
-    dt = torch_dtype(inp.precision)
-    state = make_state(inp.run, inp.init, dt)
-    model = DecomposedModel(inp.run, state.params, dt)
-    warm = faithfulness_warmup(inp.run, model, state.params)
-    records, grads0 = [], {}
-    for k, (b, d) in enumerate(zip(inp.batches, inp.draws)):
-        batch = torch.as_tensor(b) if b.dtype.kind == "i" else torch.as_tensor(b, dtype=dt)
-        draws = {n: torch.as_tensor(a, dtype=dt) for n, a in d.items()}
-        rec = {} if (k == 0 and grads_at_step0) else None
-        records.append(train_step(inp.run, model, state, batch, draws, rec))
-        if rec is not None:
-            grads0 = {n[5:]: v.numpy() for n, v in rec.items() if n.startswith("grad.")}
-    return records, grads0, warm
+    return run_backend("torch", inp, grads_at_step0)
 
 
 def run_jax(inp: Inputs, grads_at_step0: bool = True):
-    """-> (records per step, {leaf: step-0 grad ndarray}, warmup losses)."""
-    import jax.numpy as jnp
-
-    from jax_impl.components import DecomposedModel
-    from jax_impl.train import Stepper, faithfulness_warmup, jax_dtype, make_state
-
-    dt = jax_dtype(inp.precision)
-    model = DecomposedModel(inp.run, dt)
-    state = make_state(inp.run, inp.init, dt)
-    params, warm = faithfulness_warmup(inp.run, model, state["params"])
-    state["params"] = params
-    stepper = Stepper(inp.run, model, dt)
-    records, grads0 = [], {}
-    for k, (b, d) in enumerate(zip(inp.batches, inp.draws)):
-        batch = jnp.asarray(b) if b.dtype.kind == "i" else jnp.asarray(b, dt)
-        if k == 0 and grads_at_step0:
-            state, m, g = stepper.step_with_draws(state, batch, d, k, with_grads=True)
-            grads0 = {n: np.asarray(v) for n, v in g.items()}
-        else:
-            state, m = stepper.step_with_draws(state, batch, d, k)
-        records.append({n: _np(v) for n, v in m.items()})
-    return records, grads0, warm
+    return run_backend("jax", inp, grads_at_step0)

@@ -7,7 +7,11 @@ backend and compare them stage by stage.
 
 A bundle is a safetensors file: tensors named `<stage>.<detail>` plus metadata (case,
 backend, step, precision, resolved config). Stages in pipeline order: draw, clean_out,
-site_input, ci_logits, ci_lower, ci_upper, route, mask, masked_out, term, grad. Pinning
+site_input, ci_logits, ci_lower, ci_upper, route, mask, masked_out, term, grad (`grad.<leaf>`
+of the total before clipping, and `grad.sources.<bundle>.<site>` of each persistent-PGD term
+with respect to its sources). Both backends are driven through the backend interface
+(`make_backend`, `Backend.train_step` with a `Probe`), so the recorded step is the training
+step itself, persistent sources and adversary warmup included. Pinning
 feeds chosen stages of another bundle back in (pinned tensors are constants: no gradient
 flows through a pinned CI value), so a divergence can be bisected stage by stage.
 Two bundles of the same backend and precision compare by sha256 of the bytes (exact)."""
@@ -42,79 +46,33 @@ def _step_inputs(case_name: str, step: int):
     return case, inp
 
 
-def dump_torch(case_name: str, step: int = 0, pins: dict | None = None) -> dict[str, np.ndarray]:
-    """Run the oracle up to `step` (production path of the harness) and record step `step`."""
-    import torch
+def dump(case_name: str, backend_name: str, step: int = 0, pins: dict | None = None) -> dict[str, np.ndarray]:
+    """Run backend `backend_name` ("torch" | "jax") through the backend interface on the
+    harness's inputs (faithfulness warmup, then steps 0..step-1 with the draw plan's arrays)
+    and record training step `step` with a probe: every intermediate, `term.*`, `grad.<leaf>`
+    and, for persistent-PGD terms, `grad.sources.<bundle>.<site>`. `pins` (from
+    `pins_from_bundle`) replace stages of the recorded step; `pins["draws"]` its draws.
+    JAX float64 needs jax_enable_x64 set before JAX computes (the CLI sets it)."""
+    from contract.backend import Probe
+    from loop.backends import make_backend
 
-    from oracle_torch.components import DecomposedModel
-    from oracle_torch.train import faithfulness_warmup, make_state, torch_dtype, train_step
-
-    torch.set_num_threads(1)
+    if backend_name == "torch":
+        import torch
+        torch.set_num_threads(1)  # as parity/runners.py: one thread, reproducible timings and sums
     case, inp = _step_inputs(case_name, step)
-    dt = torch_dtype(case.precision)
-    state = make_state(inp.run, inp.init, dt)
-    model = DecomposedModel(inp.run, state.params, dt)
-    faithfulness_warmup(inp.run, model, state.params)
-    pins = pins or {}
-    rec: dict = {}
-    for k in range(step + 1):
-        b = inp.batches[k]
-        batch = torch.as_tensor(b) if b.dtype.kind == "i" else torch.as_tensor(b, dtype=dt)
-        d = pins.get("draws", inp.draws[k]) if k == step else inp.draws[k]
-        draws = {n: torch.as_tensor(a, dtype=dt) for n, a in d.items()}
-        tp = {n: torch.as_tensor(v) for n, v in pins.items() if n != "draws"} if k == step else None
-        rec = {} if k == step else None
-        _train_step_pinned(train_step, inp.run, model, state, batch, draws, rec, tp)
-    out = {f"draw.{n}": np.asarray(a) for n, a in (pins.get("draws") or inp.draws[step]).items()}
-    for n, v in rec.items():
-        out[n] = v.detach().numpy() if hasattr(v, "detach") else np.asarray(v)
-    return out
-
-
-def _train_step_pinned(train_step, run, model, state, batch, draws, rec, pins):
-    if pins:
-        import oracle_torch.train as T
-        orig = T.forward_terms
-        T.forward_terms = lambda *a, **k: orig(*a, **{**k, "pins": pins})
-        try:
-            return train_step(run, model, state, batch, draws, rec)
-        finally:
-            T.forward_terms = orig
-    return train_step(run, model, state, batch, draws, rec)
-
-
-def dump_jax(case_name: str, step: int = 0, pins: dict | None = None) -> dict[str, np.ndarray]:
-    import jax
-    import jax.numpy as jnp
-
-    from jax_impl.components import DecomposedModel
-    from jax_impl.train import Stepper, faithfulness_warmup, forward_terms, jax_dtype, make_state
-
-    case, inp = _step_inputs(case_name, step)
-    dt = jax_dtype(case.precision)
-    model = DecomposedModel(inp.run, dt)
-    state = make_state(inp.run, inp.init, dt)
-    state["params"], _ = faithfulness_warmup(inp.run, model, state["params"])
-    stepper = Stepper(inp.run, model, dt)
-    for k in range(step):
-        b = inp.batches[k]
-        state, _ = stepper.step_with_draws(state, jnp.asarray(b) if b.dtype.kind == "i" else jnp.asarray(b, dt), inp.draws[k], k)
-    pins = dict(pins or {})
-    d = pins.pop("draws", None) or inp.draws[step]
-    draws = {n: jnp.asarray(a, dt) for n, a in d.items()}
-    jpins = {n: jnp.asarray(v) for n, v in pins.items()}
-    b = inp.batches[step]
-    batch = jnp.asarray(b) if b.dtype.kind == "i" else jnp.asarray(b, dt)
-
-    def f(params):
-        rec: dict = {}
-        total, _ = forward_terms(inp.run, model, model.frozen, params, batch, draws, stepper.hp(step), rec, jpins)
-        return total, rec
-
-    (_, rec), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(state["params"])
-    out = {f"draw.{n}": np.asarray(a) for n, a in d.items()}
-    out |= {n: np.asarray(v) for n, v in rec.items()}
-    out |= {f"grad.{n}": np.asarray(g) for n, g in grads.items()}
+    backend = make_backend(backend_name, inp.run)  # case.run() carries runtime.dtype = case.precision
+    try:
+        state, _ = backend.faithfulness_warmup(backend.new_state(inp.init))
+        for k in range(step):
+            state, _ = backend.train_step(state, k, inp.batches[k], inp.draws[k])
+        pins = dict(pins or {})
+        draws = pins.pop("draws", None) or inp.draws[step]
+        record: dict = {}
+        backend.train_step(state, step, inp.batches[step], draws, Probe(record, pins))
+    finally:
+        backend.close()
+    out = {f"draw.{n}": np.asarray(a) for n, a in draws.items()}
+    out |= {n: np.asarray(v) for n, v in record.items()}
     return out
 
 
@@ -205,7 +163,7 @@ def main(argv=None) -> int:
             import jax
             jax.config.update("jax_enable_x64", True)
         pins = pins_from_bundle(a.pin, [s for s in a.pin_stages.split(",") if s]) if a.pin else None
-        tensors = (dump_torch if a.backend == "torch" else dump_jax)(a.case, a.step, pins)
+        tensors = dump(a.case, a.backend, a.step, pins)
         meta = {"case": a.case, "backend": a.backend, "step": a.step, "precision": CASES[a.case].precision,
                 "pinned": a.pin_stages.split(",") if a.pin else [], "config": CASES[a.case].cfg().to_dict()}
         write_bundle(a.out, tensors, meta)

@@ -16,9 +16,16 @@ import json
 import numpy as np
 import pytest
 
-from contract.targets import REPO_ROOT
-from parity.case_bundle import (CaseBundleError, expected_target_tensors, main, materialise,
-                                normalise_llama_config, read_case_bundle, terms, write_case_bundle)
+from contract.targets import REPO_ROOT, expected_file_tensors
+from parity.case_bundle import (
+    CaseBundleError,
+    main,
+    materialise,
+    normalise_llama_config,
+    read_case_bundle,
+    terms,
+    write_case_bundle,
+)
 
 # XLA backend optimisation level 0 for the three JAX compiles: same HLO, about half the
 # compile time, results within ~2e-15 of the default setting (which the rest of parity/ uses).
@@ -51,7 +58,7 @@ def random_target(seed: int = 0) -> dict[str, np.ndarray]:
     """Random weights with O(1) activations (a freshly initialised HF model is ~uniform)."""
     g = np.random.default_rng(seed)
     out = {}
-    for name, shape in expected_target_tensors("llama", normalise_llama_config(TCFG)).items():
+    for name, shape in expected_file_tensors("llama", normalise_llama_config(TCFG)).items():
         if "norm" in name:
             out[name] = 1.0 + 0.1 * g.standard_normal(shape)
         elif "embed" in name:
@@ -133,6 +140,44 @@ def test_pinned_ci_lower(bundles, backend):
         assert e <= REL, f"pinned bundle {k}: torch vs jax rel {e:.2e}"
 
 
+def test_persistent_pgd_make_and_terms_both_backends(tmp_path, capsys):
+    """`make` from a TMS config with three persistent-PGD terms (shared and per-position
+    bundles), then `terms` (CLI) in both backends: the persistent sources (`init.sources.*`)
+    reach the terms through the backend interface, and every term and gradient norm,
+    including the sources' `grad_norm/sources.<bundle>.<site>`, agrees in float64."""
+    import yaml
+
+    from parity.cases import CASES
+    from parity.tolerances import tol
+
+    case = CASES["traj_tms_ppgd.64"]
+    conf = tmp_path / "tms_ppgd.yaml"  # batch 64: every source reaches an active output (batch 16 is degenerate)
+    conf.write_text(yaml.safe_dump(case.config_dict() | {"batch_size": 64, "steps": 10}))
+    out = tmp_path / "tms_ppgd.safetensors"
+    assert main(["make", "--config", str(conf), "--out", str(out)]) == 0
+    b = read_case_bundle(out)
+    assert b.init is not None
+    run = case.run()
+    persistent = [t for t in run.recon_terms if t.source == "persistent_pgd"]
+    assert {f"sources.{t.bundle}.{s.name}" for t in persistent for s in run.sites} <= set(b.init)
+    got = {}
+    for backend in ("torch", "jax"):
+        capsys.readouterr()
+        assert main(["terms", "--case", str(out), "--backend", backend] + (["--fast-compile"] if FAST else [])) == 0
+        got[backend] = json.loads(capsys.readouterr().out)
+    t, j = got["torch"], got["jax"]
+    assert t.keys() == j.keys(), sorted(t.keys() ^ j.keys())
+    src = {f"grad_norm/sources.{tt.bundle}.{s.name}" for tt in persistent for s in run.sites}
+    assert len({tt.bundle for tt in persistent}) == 3 and src <= set(t)
+    assert all(t[k] > 0 for k in src), {k: t[k] for k in src}
+    # the sources move the persistent terms away from the plain stochastic one
+    assert all(rel(t[f"loss/{tt.index}.{tt.type}"], t["loss/2.stochastic_recon"]) > 1e-3 for tt in persistent)
+    for k in t:
+        tl = tol("float64", "term" if k.startswith("loss/") else "grad")
+        e = abs(t[k] - j[k]) / max(abs(t[k]), abs(j[k]), tl.floor, 1e-300)
+        assert e <= tl.rel, f"{k}: torch {t[k]!r} vs jax {j[k]!r} (rel {e:.2e} > {tl.rel:g})"
+
+
 # ---------------------------------------------------------------- malformed bundles
 def _raises(match: str, fn, *a, **kw):
     with pytest.raises(CaseBundleError, match=match) as ei:
@@ -211,7 +256,7 @@ def test_embeds_refused_with_embedding_site(tmp_path):
     with materialise(write(tmp_path / "i.safetensors", run=run, input_ids=IDS)) as m:
         from jax_impl.components import DecomposedModel as JaxModel
         from oracle_torch.components import DecomposedModel as TorchModel
-        from oracle_torch.train import make_params
+        from oracle_torch.state import make_params
 
         tm = TorchModel(m.run, make_params(m.init, torch.float64), torch.float64)
         with pytest.raises(ValueError, match="cannot be a decomposed site"):

@@ -20,6 +20,7 @@ import parity.lock as L
 import parity.regen as R
 import parity.stages as S
 from contract.targets import REPO_ROOT
+from parity.cases import CASES
 from parity.goldens import Golden, Report, compare_grads, compare_records, compare_result, load_golden
 from parity.tolerances import tol
 
@@ -361,6 +362,81 @@ def test_stage_bundles_pinning_reproduces_torch_ci_lower(bundles, tmp_path, caps
     assert all(r[2] == "0.00e+00" for r in _rows(out) if r[0] == "ci_lower")
     with pytest.raises(ValueError, match="cannot be pinned"):
         S.pins_from_bundle(bundles["torch_a"], ["grad"])
+
+
+# ------------------------------------------------------------------ persistent PGD through the backends
+PPGD = "traj_tms_ppgd.64"  # three persistent-PGD terms (adam / sign, shared / per-position), n_warmup 2 and 1
+
+
+@pytest.fixture(scope="module")
+def ppgd_bundles(tmp_path_factory):
+    """`parity.stages dump` of step 0 of a persistent-PGD case, torch and JAX."""
+    d = tmp_path_factory.mktemp("ppgd_bundles")
+    paths = {b: str(d / f"{b}.safetensors") for b in ("torch", "jax")}
+    for b, path in paths.items():
+        assert S.main(["dump", "--case", PPGD, "--backend", b, "--out", path]) == 0
+    return paths
+
+
+def test_stage_bundles_persistent_pgd_torch_vs_jax(ppgd_bundles, capsys):
+    # guards: both dumps go through Backend.train_step with a probe, so the recorded step
+    # sees the persistent sources after the adversary warmup: every stage, every persistent
+    # term and the gradient of each persistent term wrt its sources (grad.sources.*) is in
+    # both bundles and agrees within the float64 tolerance table
+    run = CASES[PPGD].run()
+    persistent = [t for t in run.recon_terms if t.source == "persistent_pgd"]
+    assert S.main(["compare", ppgd_bundles["torch"], ppgd_bundles["jax"]]) == 0
+    out = capsys.readouterr().out
+    assert "[exact" not in out and out.rstrip().endswith("all stages agree")
+    rows = _rows(out)
+    assert all(r[-1] == "ok" for r in rows), [r for r in rows if r[-1] != "ok"]
+    names = {r[1] for r in rows}
+    src = {f"grad.sources.{t.bundle}.{s.name}" for t in persistent for s in run.sites}
+    assert len({t.bundle for t in persistent}) == 3 and src <= names, sorted(src - names)
+    assert {f"term.{t.index}.{t.type}" for t in persistent} <= names
+    assert {"clean_out", "term.total", "grad.components.linear1.V"} <= names
+    tensors, meta = S.read_bundle(ppgd_bundles["jax"])
+    assert meta["backend"] == "jax" and meta["case"] == PPGD
+    # something to compare: at step 0 the subset term's sources get a nonzero gradient
+    assert max(float(np.abs(tensors[n]).max()) for n in src) > 1e-4
+
+
+def test_tms_recovery_through_both_backends(tmp_path, capsys):
+    # guards: parity.tms_recovery loads a checkpoint of either backend through the backend
+    # interface (default: the backend that wrote it) and scores the CI of the checkpoint's
+    # state (one step past the init): equal to the backend's own ci_lower of that state, and
+    # the same in both backends; a checkpoint read with the other backend is refused (exit 2)
+    from loop.backends import make_backend
+    from parity import tms_recovery as TR
+    from parity.runners import make_inputs
+
+    run = CASES[PPGD].run()
+    inp = make_inputs(run, "float64", 1)
+    x = TR.one_hot_inputs(5)
+    ci, ck = {}, None
+    for b in ("torch", "jax"):
+        be = make_backend(b, run)
+        init_ci = be.ci_lower(be.new_state(inp.init), x)
+        state, _ = be.train_step(be.new_state(inp.init), 0, inp.batches[0], inp.draws[0])
+        want = be.ci_lower(state, x)
+        ck = be.save_checkpoint(tmp_path / b, state, be.state_step(state), {})
+        be.close()
+        js = tmp_path / f"{b}.json"
+        assert TR.main(["--checkpoint", str(tmp_path / b), "--out", str(tmp_path / f"{b}.png"), "--json", str(js)]) == 0
+        out = capsys.readouterr().out
+        assert "recovered: NO" in out and f"heat map: {tmp_path / b}.png" in out
+        ci[b] = {k: np.asarray(v) for k, v in json.loads(js.read_text())["ci"].items()}
+        assert ci[b].keys() == want.keys() == {"linear1", "linear2"}
+        for k in want:
+            assert np.array_equal(ci[b][k], want[k]), (b, k)
+            assert np.abs(want[k] - init_ci[k]).max() > 1e-6, (b, k)  # the step moved the CI
+        assert (tmp_path / f"{b}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    t = tol("float64", "term")
+    for k in ci["torch"]:
+        a, b = ci["torch"][k], ci["jax"][k]
+        assert np.abs(a - b).max() <= t.rel * max(np.abs(a).max(), t.floor), k
+    assert TR.main(["--checkpoint", str(ck), "--backend", "torch", "--out", str(tmp_path / "x.png")]) == 2
+    assert "unknown format" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ plots

@@ -3,8 +3,8 @@
 Feed each feature alone at value 1.0 (one-hot inputs), read ci_lower per site per
 component, and score the matching. The scoring is backend-agnostic: it takes a function
 `ci_of_inputs(x: np.ndarray [n_inputs, n_features]) -> {site: np.ndarray [n_inputs, C]}`;
-backends register a factory `checkpoint dir -> (run, ci_of_inputs)` in `BACKENDS`
-(torch here; the JAX trainer adds its own).
+`ci_function` builds one from a checkpoint through the backend interface
+(`make_backend`, `Backend.load_checkpoint`, `Backend.ci_lower`) of either backend.
 
 Score per site (threshold 0.1 on ci_lower):
 - a feature is *matched* when exactly one component has ci > threshold for it and that
@@ -12,17 +12,23 @@ Score per site (threshold 0.1 on ci_lower):
 - `matched` = fraction of matched features; `alive` = components above threshold for
   some feature. Recovery = every site matched 1.0 with alive == n_features.
 
-    python -m parity.tms_recovery --backend torch --checkpoint RUN/checkpoints/step_X --out ci.png
+    python -m parity.tms_recovery [--backend torch|jax] --checkpoint RUN/checkpoints/step_X --out ci.png
+
+(`--backend` defaults to the backend that wrote the checkpoint, from its meta.json.)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from contract.resolve import ResolvedRun
 
 THRESHOLD = 0.1
 
@@ -83,7 +89,7 @@ def plot_heatmap(ci: dict, path: str | Path, threshold: float = THRESHOLD, title
 
     names = list(ci)
     fig, axes = plt.subplots(1, len(names), figsize=(max(4.0, 3.2 * len(names)), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes[0], names, strict=True):
         a = np.asarray(ci[name])
         cols = sorted_alive(a, threshold)
         data = a[:, cols] if len(cols) else np.zeros((a.shape[0], 1))
@@ -106,74 +112,48 @@ def plot_heatmap(ci: dict, path: str | Path, threshold: float = THRESHOLD, title
 
 
 # ---------------------------------------------------------------- backends
+BACKEND_NAMES = ("torch", "jax")
+
+
 def run_of_checkpoint(checkpoint: str | Path):
+    """(run, meta) of a checkpoint dir: the run rebuilt from the config stored in its meta.json."""
+    from contract.checkpoint_meta import read_meta
     from contract.config import parse_config
     from contract.resolve import resolve_run
 
-    meta = json.loads((Path(checkpoint) / "meta.json").read_text())
+    meta = read_meta(checkpoint)
     return resolve_run(parse_config(meta["config"], f"{checkpoint}/meta.json")), meta
 
 
-def torch_backend(checkpoint: str | Path):
-    """-> (run, ci_of_inputs) from a torch-oracle checkpoint dir."""
-    import torch
-
-    from oracle_torch.checkpoint import load_checkpoint
-    from oracle_torch.components import DecomposedModel
-    from oracle_torch.eval import eval_ci
-    from oracle_torch.train import torch_dtype
+def ci_function(checkpoint: str | Path, backend: str | None = None) -> tuple[ResolvedRun, CIFunction, str]:
+    """-> (run, ci_of_inputs, backend name) of a checkpoint dir, through the backend interface;
+    `backend` None = the one that wrote the checkpoint."""
+    from loop.backends import make_backend
 
     run, meta = run_of_checkpoint(checkpoint)
-    dt = torch_dtype(meta.get("dtype", run.cfg.runtime.dtype))
-    state = load_checkpoint(checkpoint, run, dt)
-    model = DecomposedModel(run, state.params, dt)
-
-    def ci_of_inputs(x: np.ndarray) -> dict:
-        with torch.no_grad():
-            _, ci = eval_ci(run, model, state.params, torch.as_tensor(x, dtype=dt))
-        return {k: v.numpy().astype(np.float64) for k, v in ci.items()}
-
-    return run, ci_of_inputs
-
-
-def jax_backend(checkpoint: str | Path):
-    """-> (run, ci_of_inputs) from a JAX-trainer checkpoint dir (orbax state + meta.json)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jax_impl.checkpoint import load_run_checkpoint
-
-    if json.loads((Path(checkpoint) / "meta.json").read_text()).get("dtype") == "float64":
+    # the oracle's checkpoints say "torch_oracle", the JAX trainer's "jax"
+    name = backend or ("torch" if str(meta.get("backend", "torch")).startswith("torch") else meta["backend"])
+    if name == "jax" and run.cfg.runtime.dtype == "float64":
+        import jax
         jax.config.update("jax_enable_x64", True)  # before any JAX array is made
-    from jax_impl.components import DecomposedModel
-    from jax_impl.eval import eval_ci
-
-    state, meta, run = load_run_checkpoint(checkpoint)
-    dt = jnp.dtype(meta["dtype"])
-    model = DecomposedModel(run, dt)
-    params = state["params"]
+    b = make_backend(name, run)
+    state, _ = b.load_checkpoint(Path(checkpoint))
 
     def ci_of_inputs(x: np.ndarray) -> dict:
-        _, ci = eval_ci(run, model, model.frozen, params, jnp.asarray(x, dt))
-        return {k: np.asarray(v).astype(np.float64) for k, v in ci.items()}
+        return {k: np.asarray(v, np.float64) for k, v in b.ci_lower(state, x).items()}
 
-    return run, ci_of_inputs
-
-
-BACKENDS: dict[str, Callable] = {"torch": torch_backend, "jax": jax_backend}
+    return run, ci_of_inputs, name
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m parity.tms_recovery", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", default="torch", help=f"one of {sorted(BACKENDS)}")
+    ap.add_argument("--backend", choices=BACKEND_NAMES,
+                    help="backend to load the checkpoint with (default: the one that wrote it)")
     ap.add_argument("--checkpoint", required=True, help="checkpoint dir (RUN/checkpoints/step_X) or a run dir")
     ap.add_argument("--out", required=True, help="PNG heat map path")
     ap.add_argument("--threshold", type=float, default=THRESHOLD)
     ap.add_argument("--json", help="also write the scores as JSON here")
     args = ap.parse_args(argv)
-    if args.backend not in BACKENDS:
-        print(f"tms_recovery: error: unknown backend {args.backend!r} (have {sorted(BACKENDS)})", file=sys.stderr)
-        return 2
     ck = Path(args.checkpoint)
     if not (ck / "meta.json").is_file() and (ck / "checkpoints").is_dir():
         steps = sorted(p for p in (ck / "checkpoints").iterdir() if p.name.startswith("step_"))
@@ -182,15 +162,22 @@ def main(argv: list[str] | None = None) -> int:
     if not (ck / "meta.json").is_file():
         print(f"tms_recovery: error: {args.checkpoint} is not a checkpoint directory (no meta.json)", file=sys.stderr)
         return 2
-    run, ci_of_inputs = BACKENDS[args.backend](ck)
-    if run.cfg.target.kind != "tms":
-        print(f"tms_recovery: error: {ck} decomposes a {run.cfg.target.kind!r} target, not tms", file=sys.stderr)
+    from contract.config import ConfigError
+
+    try:
+        run, _ = run_of_checkpoint(ck)
+        if run.cfg.target.kind != "tms":
+            print(f"tms_recovery: error: {ck} decomposes a {run.cfg.target.kind!r} target, not tms", file=sys.stderr)
+            return 2
+        run, ci_of_inputs, backend = ci_function(ck, args.backend)
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # e.g. a JAX checkpoint read with --backend torch
+        print(f"tms_recovery: error: {e}", file=sys.stderr)
         return 2
     n_features = run.target_meta["config"]["n_features"]
     scores = recovery_scores(ci_of_inputs, n_features, args.threshold)
     print(format_table(scores))
     png = plot_heatmap({k: np.asarray(v) for k, v in scores["ci"].items()}, args.out, args.threshold,
-                       title=f"{ck} ({args.backend})")
+                       title=f"{ck} ({backend})")
     print(f"heat map: {png}")
     if args.json:
         Path(args.json).write_text(json.dumps({k: v for k, v in scores.items()}, indent=1) + "\n")

@@ -3,16 +3,18 @@
     .venv/bin/python scripts/benchmark.py [--steps N] [--rounds R] [--configs tms_5-2 resid_mlp1 tiny_llama]
                                           [--warmup W] [--torch-threads T] [--json OUT]
 
-For each config, in ONE process: steady-state training steps per second of
-- the JAX trainer: `Stepper.step_with_key` (production path: draws sampled inside the jitted
-  step from fold_in(prng_key(seed), step)), timed after compilation with block_until_ready;
-- the torch oracle: `train_step` with production draws (`draws_for_step`, a torch generator);
-plus the JAX compile time (first call = trace + compile + one step). Both run the config's own
-shapes in float32 from the same initial state; batches are made beforehand for both (the data
-stream is shared code, not part of either trainer's step). The faithfulness warmup is skipped
-(it is not part of the steady state). The two are timed in alternating rounds (a JAX block,
-then an oracle block, R times) so a slow spell of a noisy machine hits both; the table gives
-the best round of each, their ratio JAX / oracle, and the range of the per-round ratios.
+For each config, in ONE process, both backends built with `loop.backends.make_backend` and
+driven through the backend interface only: steady-state training steps per second of
+`backend.train_step(state, k, batch)` on the production path (draws None: JAX samples them
+inside the jitted step from fold_in(prng_key(seed), step), the oracle from a torch generator),
+JAX timed with block_until_ready on the state and metrics; plus the JAX compile time (first
+call = trace + compile + one step). Both run the config's own shapes in float32 from the same
+initial state; numpy batches are made beforehand for both (the data stream is shared code, not
+part of either trainer's step; their conversion to the framework is, as in the training loop).
+The faithfulness warmup is skipped (it is not part of the steady state). The two are timed in
+alternating rounds (a JAX block, then an oracle block, R times, each round continuing the
+step count) so a slow spell of a noisy machine hits both; the table gives the best round of
+each, their ratio JAX / oracle, and the range of the per-round ratios.
 """
 from __future__ import annotations
 
@@ -40,83 +42,55 @@ def load(name: str, steps: int):
     return resolve_run(parse_config(d, name))
 
 
-class JaxBench:
-    """The JAX trainer's production step on pre-made batches; `block(ks)` times steps ks."""
+class Bench:
+    """One backend's production `train_step` on pre-made numpy batches; `block(ks)` times steps ks."""
 
-    def __init__(self, run, batches: list):
-        import jax
-        import jax.numpy as jnp
+    def __init__(self, name: str, run, batches: list):
+        from loop.backends import make_backend
 
-        from jax_impl.eval import to_jax_batch
-        from jax_impl.train import make_state, runtime_for
-
-        self.jax, dt = jax, jnp.float32
-        self.run, _, self.stepper = runtime_for(run, dt)
-        self.state = make_state(self.run, None, dt)
-        self.xs = [to_jax_batch(b, dt) for b in batches]
-        jax.block_until_ready(self.xs)
+        self.name, self.batches = name, batches
+        self.backend = make_backend(name, run)
+        self.state = self.backend.new_state()
         t = time.perf_counter()
         self.block([0])
-        self.compile_s = time.perf_counter() - t  # trace + compile + one step
+        self.compile_s = time.perf_counter() - t  # JAX: trace + compile + one step
 
     def block(self, ks) -> float:
         t = time.perf_counter()
         for k in ks:
-            self.state, self.m = self.stepper.step_with_key(self.state, self.xs[k], k)
-        self.jax.block_until_ready((self.state, self.m))
+            self.state, self.m = self.backend.train_step(self.state, k, self.batches[k])
+        if self.name == "jax":
+            import jax
+            jax.block_until_ready((self.state, self.m))
         return time.perf_counter() - t
 
     def loss(self) -> float:
-        return float(self.m["loss/total"])
+        return self.backend.host_metrics(self.m)["loss/total"]
 
 
-class OracleBench:
-    """The oracle's `train_step` with its production draws; `block(ks)` times steps ks."""
+def bench(run, batches: list, warmup: int, rounds: int, steps: int, threads: int | None) -> dict:
+    """Warm both up, then `rounds` rounds of (a JAX block, an oracle block) of `steps` steps each,
+    alternating, so slow spells of a noisy machine hit both (round r runs the same step numbers
+    on both). Steps/s per backend is the best round; the ratio is also given per round (its
+    median is the robust one)."""
+    import torch
 
-    def __init__(self, run, batches: list, threads: int | None):
-        import torch
-
-        from oracle_torch.components import DecomposedModel
-        from oracle_torch.eval import to_torch_batch
-        from oracle_torch.train import make_state
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.threads = torch.get_num_threads()
-        dt = self.dt = torch.float32
-        self.run, self.state = run, make_state(run, None, dt)
-        self.model = DecomposedModel(run, self.state.params, dt)
-        self.xs = [to_torch_batch(b, dt) for b in batches]
-        self.block([0])
-
-    def block(self, ks) -> float:
-        from oracle_torch.train import draws_for_step, train_step
-
-        t = time.perf_counter()
-        for k in ks:
-            self.m = train_step(self.run, self.model, self.state, self.xs[k], draws_for_step(self.run, k, self.dt))
-        return time.perf_counter() - t
-
-    def loss(self) -> float:
-        return float(self.m["loss/total"])
-
-
-def bench(run, batches: list, warmup: int, rounds: int, threads: int | None) -> dict:
-    """Warm both up, then `rounds` rounds of (a JAX block, an oracle block) over the same steps,
-    alternating, so slow spells of a noisy machine hit both. Steps/s per backend is the best
-    round; the ratio is also given per round (its median is the robust one)."""
-    j, o = JaxBench(run, batches), OracleBench(run, batches, threads)
+    if threads:
+        torch.set_num_threads(threads)
+    j, o = Bench("jax", run, batches), Bench("torch", run, batches)
     ks = list(range(1, 1 + warmup))
-    j.block(ks), o.block(ks)
-    timed = list(range(1 + warmup, len(batches)))
+    j.block(ks)
+    o.block(ks)
     tj, to = [], []
-    for _ in range(rounds):
+    for r in range(rounds):
+        timed = list(range(1 + warmup + r * steps, 1 + warmup + (r + 1) * steps))
         tj.append(j.block(timed))
         to.append(o.block(timed))
-    n = len(timed)
-    ratios = sorted(b / a for a, b in zip(tj, to))
+    n = steps
+    ratios = sorted(b / a for a, b in zip(tj, to, strict=True))
     return {"jax": {"compile_s": j.compile_s, "steps": n, "seconds": tj, "steps_per_s": n / min(tj), "loss": j.loss()},
-            "oracle": {"steps": n, "seconds": to, "steps_per_s": n / min(to), "loss": o.loss(), "threads": o.threads},
+            "oracle": {"steps": n, "seconds": to, "steps_per_s": n / min(to), "loss": o.loss(),
+                       "threads": torch.get_num_threads()},
             "ratio": (n / min(tj)) / (n / min(to)), "ratio_per_round": ratios,
             "ratio_median": ratios[len(ratios) // 2]}
 
@@ -139,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--steps and --rounds must be >= 1, --warmup >= 0")
     rows = []
     for name in args.configs:
-        run = load(name, args.steps + args.warmup + 1)
-        batches = [batch_for_step(run, run.cfg.seed, k) for k in range(args.steps + args.warmup + 1)]
+        n_steps = 1 + args.warmup + args.rounds * args.steps
+        run = load(name, n_steps)
+        batches = [batch_for_step(run, run.cfg.seed, k) for k in range(n_steps)]
         print(f"[{name}] JAX and oracle, {args.rounds} alternating rounds ...", file=sys.stderr, flush=True)
-        rows.append({"config": name, **bench(run, batches, args.warmup, args.rounds, args.torch_threads)})
+        rows.append({"config": name, **bench(run, batches, args.warmup, args.rounds, args.steps, args.torch_threads)})
 
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nsteady-state training steps/s, float32: best of {args.rounds} alternating rounds of {args.steps} steps "

@@ -2,8 +2,10 @@
 
     .venv/bin/python scripts/profile_step.py [CONFIG] [--steps N] [--top K] [--dtype float32|float64]
 
-Runs the production step (`Stepper.step_with_key`) of configs/CONFIG.yaml under
-`jax.profiler.trace`, then prints the wall time per step, the summed op time per step, and
+Runs the production step of configs/CONFIG.yaml (`backend.train_step(state, k, batch)` of
+`make_backend("jax", run)`, draws sampled inside the jitted step) under `jax.profiler.trace`,
+reads the compiled step's HLO from XLA's own dump (`--xla_dump_to`, the module whose
+instructions the trace ran), then prints the wall time per step, the summed op time per step, and
 the op time grouped by XLA op kind (`ynn_fusion` = matmuls through YNNPACK, `dot` = Eigen
 matmuls, `copy_*` = layout copies, other `*_fusion` = elementwise loops), by kind and
 output shape, and the slowest single ops with their HLO metadata. Per-op times overlap when
@@ -18,6 +20,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +44,21 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+def step_hlo(dump_dir: str, traced: set[str]) -> str:
+    """The optimised HLO text XLA dumped for the profiled step: of every module compiled in
+    this process, the one holding the most of the traced op names (the step is the only
+    program that ran under the trace)."""
+    best, score = "", -1
+    for f in glob.glob(f"{dump_dir}/*after_optimizations.txt"):
+        text = Path(f).read_text()
+        n = len(traced & set(hlo_ops(text)))
+        if n > score or (n == score and len(text) > len(best)):
+            best, score = text, n
+    if not best:
+        raise SystemExit(f"profile_step: XLA dumped no optimised module under {dump_dir}")
+    return best
+
+
 def op_times(trace_dir: str) -> dict[str, float]:
     """Summed duration (µs) per trace event name of the newest perfetto trace in trace_dir."""
     files = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
@@ -61,39 +79,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=15, help="rows per table")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = ap.parse_args(argv)
-    if args.dtype == "float64":
-        os.environ["JAX_ENABLE_X64"] = "1"
-
-    import jax
-
-    from contract.data import batch_for_step
-    from contract.runlog import load_run
-    from jax_impl.eval import to_jax_batch
-    from jax_impl.train import jax_dtype, make_state, prng_key, runtime_for
-
     path = REPO / "configs" / f"{args.config}.yaml"
     if not path.exists():
         raise SystemExit(f"profile_step: no config {path}")
-    run = load_run(str(path), dtype=args.dtype)
-    dt = jax_dtype(args.dtype)
-    run, model, stepper = runtime_for(run, dt)
-    state = make_state(run, None, dt)
-    batch = to_jax_batch(batch_for_step(run, run.cfg.seed, 0), dt)
-    for k in range(3):
-        state, _ = stepper.step_with_key(state, batch, k)
-    jax.block_until_ready(state)
+    if args.dtype == "float64":
+        os.environ["JAX_ENABLE_X64"] = "1"
+    dump_dir = tempfile.mkdtemp(prefix="vpd_profile_hlo_")
+    # before JAX starts: XLA writes every compiled module's optimised HLO here (text)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text").strip()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            t = time.perf_counter()
-            for k in range(args.steps):
-                state, _ = stepper.step_with_key(state, batch, k)
-            jax.block_until_ready(state)
-            wall = (time.perf_counter() - t) / args.steps * 1e3
-        agg = op_times(tmp)
-    mesh = run.cfg.runtime.mesh.data
-    hlo = stepper._key.lower(state, model.frozen, batch, prng_key(run.cfg.seed, mesh), stepper.hp(0)).compile().as_text()
-    ops = hlo_ops(hlo)
+    try:
+        import jax
+
+        from contract.data import batch_for_step
+        from contract.runlog import load_run
+        from loop.backends import make_backend
+
+        run = load_run(str(path), dtype=args.dtype)
+        backend = make_backend("jax", run)
+        state = backend.new_state()
+        batch = batch_for_step(run, run.cfg.seed, 0)
+        warm = 3
+        for k in range(warm):
+            state, m = backend.train_step(state, k, batch)
+        jax.block_until_ready((state, m))
+
+        with tempfile.TemporaryDirectory() as tmp:
+            with jax.profiler.trace(tmp, create_perfetto_trace=True):
+                t = time.perf_counter()
+                for k in range(warm, warm + args.steps):
+                    state, m = backend.train_step(state, k, batch)
+                jax.block_until_ready((state, m))
+                wall = (time.perf_counter() - t) / args.steps * 1e3
+            agg = op_times(tmp)
+        ops = hlo_ops(step_hlo(dump_dir, set(agg)))
+    finally:
+        shutil.rmtree(dump_dir, ignore_errors=True)
 
     n = args.steps
     per_step = {k: v / n / 1e3 for k, v in agg.items()}  # ms per step

@@ -1,6 +1,6 @@
 """Config schema and resolution (contract/config.py, contract/resolve.py).
 
-Guards SPEC S1 and the config-fidelity rule of DESIGN.md: a bad config is refused with ONE ConfigError
+Guards SPEC S1 and the config-fidelity rule S93: a bad config is refused with ONE ConfigError
 whose message names the field by its dotted path in the config (and the bad value), both
 at parse time (pydantic) and at resolve time (cross-field rules both backends share);
 every shipped config loads and resolves; config_diff names the changed fields.
@@ -254,3 +254,30 @@ def test_config_diff_absent_keys_and_list_length():
     assert "  x: 1 -> <absent>" in diff
     assert "  y: <absent> -> 2" in diff
     assert "  l: [1, 2] -> [1, 2, 3]" in diff
+
+
+def test_recon_table_agrees_with_the_term_classes():
+    # contract/ narrows a recon term's config by class where RECON_TERMS names its plan/source
+    # (draws, init, resolve, schedules): source 'fresh_pgd' <=> FreshPGDTerm, 'persistent_pgd'
+    # <=> PersistentPGDTerm, plan 'chunks' <=> ChunkwiseSubsetRecon, any other <=> PlainReconTerm
+    import typing
+
+    from contract.config import (
+        RECON_TERMS,
+        ChunkwiseSubsetRecon,
+        FreshPGDTerm,
+        LossTerm,
+        PersistentPGDTerm,
+        PlainReconTerm,
+    )
+
+    classes = {typing.get_args(c.model_fields["type"].annotation)[0]: c for c in typing.get_args(typing.get_args(LossTerm)[0])}
+    assert set(RECON_TERMS) <= set(classes)
+    for ty, (plan, source) in RECON_TERMS.items():
+        c = classes[ty]
+        assert issubclass(c, FreshPGDTerm) == (source == "fresh_pgd"), ty
+        assert issubclass(c, PersistentPGDTerm) == (source == "persistent_pgd"), ty
+        assert issubclass(c, ChunkwiseSubsetRecon) == (plan == "chunks"), ty
+        assert issubclass(c, PlainReconTerm) == (source not in ("fresh_pgd", "persistent_pgd")), ty
+    assert not any(issubclass(c, (PlainReconTerm, FreshPGDTerm, PersistentPGDTerm))
+                   for ty, c in classes.items() if ty not in RECON_TERMS)

@@ -4,7 +4,6 @@ batch, sparse features have the configured density, and token streams are window
 user's file. SPEC S60-S62."""
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -15,9 +14,16 @@ import numpy as np
 import pytest
 
 from contract.config import ConfigError, parse_config
+from contract.data import (
+    batch_for_step,
+    load_tokens,
+    rank_slice,
+    resid_mlp_batch,
+    sparse_features,
+    tms_batch,
+    token_windows,
+)
 from contract.resolve import resolve_run
-from contract.data import (batch_for_step, load_tokens, rank_slice, resid_mlp_batch, sparse_features,
-                           tms_batch, token_windows)
 
 REPO = Path(__file__).resolve().parents[1]
 TMS = {"n_features": 5, "n_hidden": 2, "feature_probability": 0.05}
@@ -89,7 +95,7 @@ def test_rank_slice_non_divisible_batch_errors():
 
 @pytest.mark.parametrize("low,p", [(0.0, 0.05), (0.0, 0.3), (-1.0, 0.01)])
 def test_sparse_feature_density(low, p):
-    # guards ALGORITHM §10: each feature is nonzero with probability p, values U[low, 1]
+    # guards S64: each feature is nonzero with probability p, values U[low, 1]
     n = 400_000
     x = sparse_features(7, 0, n // 40, 40, p, low)
     on = x != 0

@@ -1,21 +1,27 @@
 """The draw plan (contract/draws.py): which random tensors each recon term consumes, how
 the parity harness samples them, and the routing rule derived from uniforms.
-ALGORITHM §5 (plans, sources, uniform_k routing), §8 (independence); SPEC S8, S12,
-S25-S27, S50-S53."""
+SPEC S25-S27 (plans, sources), S51 (uniform_k routing), S53 (independence), S8, S12,
+S50-S52."""
 from __future__ import annotations
 
 import itertools
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 from contract.config import parse_config
-from contract.draws import (DrawSpec, bernoulli_from_uniform, draw_name, draw_plan, numpy_rng,
-                            route_from_uniforms, sample_numpy)
+from contract.draws import (
+    DrawSpec,
+    bernoulli_from_uniform,
+    draw_name,
+    draw_plan,
+    numpy_rng,
+    route_from_uniforms,
+    sample_numpy,
+)
 from contract.resolve import resolve_run
 
 B = 8
@@ -172,7 +178,7 @@ def test_sample_numpy_deterministic_per_seed_step_name():
 
 
 def test_sample_numpy_independent_across_names():
-    # guards S53 / ALGORITHM §8: draws are independent across names (e.g. draw 0 vs draw 1 of one site)
+    # guards S53: draws are independent across names (e.g. draw 0 vs draw 1 of one site)
     n = 40_000
     names = ["t1.e0.d0.a.source", "t1.e0.d1.a.source", "t2.e0.d0.a.source", "t1.e0.d0.b.source"]
     xs = [numpy_rng(0, 0, nm).random(n) for nm in names]
@@ -196,7 +202,7 @@ def chi2(counts: list[int]) -> float:
 
 def routing_stats(route: np.ndarray, k: np.ndarray, n: int) -> dict:
     """{'k': chi2 of the k distribution, k: chi2 of the subsets given k} (each with its df)."""
-    out = {"k": (chi2([int((k == j).sum()) for j in range(1, n + 1)]), n - 1)}
+    out: dict[str | int, tuple[float, int]] = {"k": (chi2([int((k == j).sum()) for j in range(1, n + 1)]), n - 1)}
     for j in range(1, n):
         rows = route[k == j]
         subsets = Counter(map(bytes, np.packbits(rows, axis=-1)))
@@ -211,7 +217,7 @@ def passes(stats: dict) -> bool:
 
 
 def test_routing_uniform_k_and_uniform_subsets():
-    # guards S51 / ALGORITHM §5 uniform_k: k ~ U{1..n}, then a uniform k-subset; every
+    # guards S51 uniform_k: k ~ U{1..n}, then a uniform k-subset; every
     # routed mask has exactly k True
     n, N = 4, 200_000
     g = np.random.default_rng(12345)

@@ -6,18 +6,17 @@ import copy
 
 import numpy as np
 import pytest
-import yaml
 
 from contract.config import parse_config
 from contract.data import batch_for_step
 from contract.draws import draw_plan, sample_numpy
 from contract.init import init_state
 from contract.resolve import resolve_run
-from contract.targets import REPO_ROOT
+from tests.helpers import shipped_config
 
 
 def _run(dtype: str):
-    d = yaml.safe_load((REPO_ROOT / "configs" / "resid_mlp1.yaml").read_text())
+    d = shipped_config("resid_mlp1")
     d = copy.deepcopy(d) | {"batch_size": 16, "steps": 5, "faithfulness_warmup": {"steps": 0},
                             "sites": [{"pattern": "layers.*.mlp_in", "C": 8}, {"pattern": "layers.*.mlp_out", "C": 8}],
                             "runtime": {"dtype": dtype}}
@@ -26,8 +25,10 @@ def _run(dtype: str):
 
 def _three_steps(dtype: str):
     import jax.numpy as jnp
+
     from jax_impl.components import DecomposedModel
-    from jax_impl.train import Stepper, jax_dtype, make_state
+    from jax_impl.state import jax_dtype, make_state
+    from jax_impl.train import Stepper
     run = _run(dtype)
     dt = jax_dtype(dtype)
     model = DecomposedModel(run, dt)
@@ -46,7 +47,7 @@ def test_bf16_keeps_fp32_masters_and_tracks_fp32():
     import jax
     state, bf = _three_steps("bf16")
     _, f32 = _three_steps("float32")
-    for leaf in jax.tree.leaves(state["params"]):
+    for leaf in jax.tree.leaves(state.params):
         assert leaf.dtype == np.float32
     for k in range(3):
         for key in ("loss/0.faithfulness", "loss/2.stochastic_recon", "loss/total"):
@@ -61,6 +62,6 @@ def test_bf16_keeps_fp32_masters_and_tracks_fp32():
 
 def test_oracle_refuses_bf16_naming_the_field():
     # guards S70: the oracle is the fp32/fp64 reference and says so
-    from oracle_torch.train import torch_dtype
+    from oracle_torch.state import torch_dtype
     with pytest.raises(ValueError, match="runtime.dtype"):
         torch_dtype("bf16")

@@ -48,7 +48,7 @@ def test_trajectory_invariant_to_device_count(name):
     for n in (2, 4, 8):
         got = trajectory(name, n)
         assert len(got) == len(ref)
-        for k, (a, b) in enumerate(zip(ref, got)):
+        for k, (a, b) in enumerate(zip(ref, got, strict=True)):
             assert set(a) == set(b)
             for key in a:
                 err = abs(a[key] - b[key]) / max(abs(a[key]), abs(b[key]), 1e-12)

@@ -20,22 +20,22 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file as np_load_file
-from safetensors.numpy import save_file as np_save_file
+from safetensors.numpy import load_file as np_load_file, save_file as np_save_file
 
 from contract import layout
-from contract.targets import REPO_ROOT, WEIGHTS_DIR, load_target_meta, module_table
-from jax_impl.targets import expected_file_tensors, frozen_site, load_frozen, target_forward
+from contract.targets import REPO_ROOT, WEIGHTS_DIR, expected_file_tensors, load_target_meta, module_table
+from jax_impl.targets import frozen_site, load_frozen, target_forward
 
 # Tolerances (max abs difference of outputs / logits).
 TOL_FP32 = 1e-5  # float32: reassociation differences between XLA and torch kernels
 TOL_FP64 = 1e-12  # float64: same math in both frameworks; anything algorithmic shows far above
 
-LLAMA_CFG = dict(
+LLAMA_CFG: dict[str, Any] = dict(
     vocab_size=67, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
     num_attention_heads=3, num_key_value_heads=1, rms_norm_eps=1e-5,
     rope_parameters={"rope_type": "default", "rope_theta": 5000.0},

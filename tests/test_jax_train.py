@@ -4,7 +4,7 @@ jax_impl/cli.py), on a tiny TMS target written to tmp_path.
 - S60/S50 + checkpoints: a run stopped by SIGTERM and resumed reproduces the uninterrupted
   run exactly (every leaf of the training state bitwise, metrics.jsonl byte for byte), and
   metrics lines past the checkpoint are dropped on resume;
-- DESIGN "Checkpoints carry the resolved config": a resume under another config is refused
+- S94 (checkpoints carry the resolved config): a resume under another config is refused
   with a field-by-field diff (library and CLI);
 - S1: the CLI turns a bad config into one line on stderr and exit code 2;
 - S50: the production step (draws from fold_in(prng_key(seed), step)) is deterministic per
@@ -32,12 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from safetensors.numpy import save_file
 
-from contract.config import ConfigError, parse_config
+from contract.config import ConfigError
 from contract.data import batch_for_step
-from contract.resolve import resolve_run
 from contract.targets import REPO_ROOT
+from tests.helpers import HookedBackend, run_of, signal_after, write_tiny_tms
 
 F32 = jnp.float32
 # one xdist worker runs the whole module: the fixtures share one trained run and its compiled step
@@ -53,18 +52,7 @@ def _fast_compiles():
     jax.clear_caches()  # nothing compiled without optimisations outlives this module
 
 
-def write_tiny_tms(d: Path) -> str:
-    g = np.random.default_rng(1)
-    w = g.standard_normal((2, 5)).astype(np.float32)
-    path = d / "tms_tiny.safetensors"
-    save_file({"linear1.weight": w, "linear2.weight": np.ascontiguousarray(w.T),
-               "linear2.bias": (0.1 * g.standard_normal(5)).astype(np.float32)}, str(path))
-    (d / "tms_tiny.json").write_text(json.dumps(
-        {"kind": "tms", "config": {"n_features": 5, "n_hidden": 2, "feature_probability": 0.05}, "training": {}}))
-    return str(path)
-
-
-def tms_config(weights: str, **over) -> dict:
+def train_config(weights: str, **over) -> dict:
     d = {
         "seed": 3,
         "target": {"kind": "tms", "weights": weights},
@@ -96,18 +84,14 @@ def tms_config(weights: str, **over) -> dict:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("jax_train")
-    return d, tms_config(write_tiny_tms(d))
-
-
-def _run(cfg: dict):
-    return resolve_run(parse_config(copy.deepcopy(cfg)))
+    return d, train_config(write_tiny_tms(d))
 
 
 def _leaves_bitwise_equal(a, b) -> list[str]:
     bad = []
     la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for (pa, x), (_, y) in zip(la, lb):
+    for (pa, x), (_, y) in zip(la, lb, strict=True):
         x, y = np.asarray(x), np.asarray(y)
         if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
             bad.append(jax.tree_util.keystr(pa))
@@ -115,11 +99,19 @@ def _leaves_bitwise_equal(a, b) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny):
-    from jax_impl.train import train
+def backend(tiny):
+    """One JAX backend for the module's run: its compiled step and eval are reused by every
+    training below (a resume in the same process does not recompile)."""
+    from jax_impl.backend import JaxBackend
+    return JaxBackend(run_of(tiny[1]))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, backend):
+    from loop.train import train
     d, cfg = tiny
     out = d / "A"
-    summary = train(_run(cfg), out, progress=False)
+    summary = train(backend, out, progress=False)
     return out, summary
 
 
@@ -139,42 +131,33 @@ def test_uninterrupted_run_outputs(tiny, uninterrupted):
     assert lines[1]["loss/2.stochastic_recon"] > 0
     cks = list_checkpoints(out)
     assert [p.name for p in cks] == ["step_00000004", "step_00000006"]  # keep = 2
-    run = _run(cfg)
+    run = run_of(cfg)
     meta = read_meta(cks[-1])
     assert meta["config"] == run.cfg.to_dict() and meta["step"] == 6 and meta["dtype"] == "float32"
     assert meta["prng_impl"] == "philox4x32"  # S50: the production generator of one device
     assert json.loads((cks[-1] / "meta.json").read_text())["config_hash"] == run.cfg.hash()
     st = load_checkpoint(cks[-1], run, F32)
     want = abstract_state(run, F32)
-    assert jax.tree.structure(st) == jax.tree.structure(want)
+    assert jax.tree.structure(st.to_tree()) == jax.tree.structure(want)  # the stored tree of the TrainState
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(st)] == [(x.shape, x.dtype) for x in jax.tree.leaves(want)]
-    assert int(st["step"]) == 6 and int(st["opt_components"].count) == 6 and int(st["opt_ci_fn"].inner_state[0].count) == 6
+    assert int(st.step) == 6 and int(st.opt_components.count) == 6 and int(st.opt_ci_fn.inner_state[0].count) == 6
     # the injected learning rate of the last step is in the optimizer state
-    assert float(st["opt_components"].hyperparams["learning_rate"]) == pytest.approx(1e-3, rel=1e-6)
+    assert float(st.opt_components.hyperparams["learning_rate"]) == pytest.approx(1e-3, rel=1e-6)
 
 
-def test_sigterm_then_resume_reproduces_uninterrupted_run(tiny, uninterrupted, monkeypatch):
+def test_sigterm_then_resume_reproduces_uninterrupted_run(tiny, backend, uninterrupted):
     # S60/S50: batches and draws are pure functions of (seed, step) and the checkpoint holds the
     # whole state, so stop-at-SIGTERM + resume == the uninterrupted run, bit for bit.
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers need the main thread")
-    from jax_impl import train as T
     from jax_impl.checkpoint import load_checkpoint
+    from loop.train import train
     d, cfg = tiny
     out_a, _ = uninterrupted
     out = d / "B"
-    orig = T.Stepper.step_with_key
-
-    def step_then_sigterm(self, state, batch, step):
-        r = orig(self, state, batch, step)
-        if step == 2:
-            signal.raise_signal(signal.SIGTERM)  # handled by train(): stop after this step
-        return r
-
-    monkeypatch.setattr(T.Stepper, "step_with_key", step_then_sigterm)
     before = signal.getsignal(signal.SIGTERM)
-    s1 = T.train(_run(cfg), out, progress=False)
-    monkeypatch.setattr(T.Stepper, "step_with_key", orig)
+    # SIGTERM after step 2, handled by the loop: stop after this step
+    s1 = train(HookedBackend(backend, after=signal_after(2, signal.SIGTERM)), out, progress=False)
     assert s1["interrupted"] and s1["signal"] == "SIGTERM" and s1["step"] == 3
     assert Path(s1["last_checkpoint"]).name == "step_00000003"
     assert signal.getsignal(signal.SIGTERM) == before  # train() restores the previous handler
@@ -182,10 +165,10 @@ def test_sigterm_then_resume_reproduces_uninterrupted_run(tiny, uninterrupted, m
     # a crash after the checkpoint may have left lines past it (and a torn line): resume drops them
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "loss/total": 123.0}) + "\n" + '{"step": 4, "loss/to')
-    s2 = T.train(_run(cfg), out, progress=False)
+    s2 = train(backend, out, progress=False)
     assert s2["start_step"] == 3 and s2["step"] == 6 and not s2["interrupted"]
     assert (out / "metrics.jsonl").read_text() == (out_a / "metrics.jsonl").read_text()
-    run = _run(cfg)
+    run = run_of(cfg)
     a = load_checkpoint(out_a / "checkpoints" / "step_00000006", run, F32)
     b = load_checkpoint(out / "checkpoints" / "step_00000006", run, F32)
     assert _leaves_bitwise_equal(a, b) == []
@@ -193,24 +176,30 @@ def test_sigterm_then_resume_reproduces_uninterrupted_run(tiny, uninterrupted, m
 
 
 def test_resume_under_another_config_is_refused_with_a_diff(tiny, uninterrupted, capsys):
-    # DESIGN: checkpoints carry the resolved config; a different one is refused, naming fields.
+    # S94: checkpoints carry the resolved config; a different one is refused, naming fields.
+    from contract.runlog import with_dtype
+    from jax_impl.backend import JaxBackend
     from jax_impl.cli import main
-    from jax_impl.train import train
+    from loop.train import train as loop_train
+
+    def train(run, out, **kw):
+        return loop_train(JaxBackend(run), out, **kw)
+
     d, cfg = tiny
     out, _ = uninterrupted
     other = copy.deepcopy(cfg)
     other["loss_terms"][2]["coeff"] = 0.25
     other["batch_size"] = 16
     with pytest.raises(ConfigError) as e:
-        train(_run(other), out, progress=False)
+        train(run_of(other), out, progress=False)
     msg = str(e.value)
     assert "different config" in msg and "loss_terms.2.coeff: 1.0 -> 0.25" in msg and "batch_size: 8 -> 16" in msg
     # a float64 override is a config change too (runtime.dtype)
     with pytest.raises(ConfigError, match="runtime.dtype: 'float32' -> 'float64'"):
-        jax_x64 = jax.config.jax_enable_x64
+        jax_x64 = jax.config.read("jax_enable_x64")
         try:
             jax.config.update("jax_enable_x64", True)
-            train(_run(cfg), out, dtype="float64", progress=False)
+            train(with_dtype(run_of(cfg), "float64"), out, progress=False)
         finally:
             jax.config.update("jax_enable_x64", jax_x64)
     # the CLI: one line, exit 2
@@ -231,10 +220,10 @@ def test_resume_under_another_generator_is_refused(tiny, uninterrupted):
     out, _ = uninterrupted
     ck = list_checkpoints(out)[-1]
     meta = read_meta(ck)
-    check_compatible(meta, _run(cfg), F32, ck)  # its own generator: accepted
+    check_compatible(meta, run_of(cfg), F32, ck)  # its own generator: accepted
     for old in ({k: v for k, v in meta.items() if k != "prng_impl"}, meta | {"prng_impl": "threefry2x32"}):
         with pytest.raises(ConfigError, match="drew with the threefry2x32 generator, this trainer draws with philox4x32"):
-            check_compatible(old, _run(cfg), F32, ck)
+            check_compatible(old, run_of(cfg), F32, ck)
 
 
 @pytest.mark.parametrize("problem", ["unknown_field", "bad_value", "missing_file", "missing_target", "not_yaml"])
@@ -263,17 +252,18 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, tiny, problem, capsys):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_production_step_is_deterministic_per_seed_and_step(tiny):
+def test_production_step_is_deterministic_per_seed_and_step(tiny, backend):
     # S50: production draws come from fold_in(prng_key(seed), step) inside the step: the same
     # (seed, step, state, batch) gives the same result bit for bit; another step draws anew.
-    from jax_impl.train import make_state, prng_key, runtime_for
+    from jax_impl.state import make_state
+    from jax_impl.train import prng_key
     _, cfg = tiny
-    run, model, stepper = runtime_for(_run(cfg), F32)  # the loop's own compiled step (Stepper)
+    run, model, stepper = backend.run, backend.model, backend.stepper  # the loop's own compiled step
     batch = jnp.asarray(batch_for_step(run, run.cfg.seed, 0), F32)
     outs = []
     for at in (0, 0, 1):
         st = make_state(run, None, F32)  # fresh buffers each time (the step donates its state)
-        st["step"] = jnp.asarray(at, jnp.int32)
+        st = st.replace(step=jnp.asarray(at, jnp.int32))
         outs.append(stepper.step_with_key(st, batch, 0))
     (s0, m0), (s1, m1), (s2, m2) = outs
     assert _leaves_bitwise_equal(s0, s1) == [] and _leaves_bitwise_equal(m0, m1) == []
@@ -295,9 +285,9 @@ from jax_impl.checkpoint import load_run_checkpoint
 state, meta, run = load_run_checkpoint(sys.argv[4])
 print("RESULT " + json.dumps({"rc": rc, "x64": jax.config.jax_enable_x64, "dtype": meta["dtype"],
       "cfg_dtype": run.cfg.runtime.dtype, "steps": run.cfg.steps,
-      "dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state["params"])}),
-      "mu": sorted({str(x.dtype) for x in jax.tree.leaves(state["opt_components"].inner_state[0].mu)}),
-      "count": str(state["opt_ci_fn"].count.dtype)}))
+      "dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.params)}),
+      "mu": sorted({str(x.dtype) for x in jax.tree.leaves(state.opt_components.inner_state[0].mu)}),
+      "count": str(state.opt_ci_fn.count.dtype)}))
 """
 
 

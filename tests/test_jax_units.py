@@ -8,7 +8,6 @@ are in float64 numpy and tolerances are float32-sized.
 """
 from __future__ import annotations
 
-import json
 import math
 from types import SimpleNamespace
 
@@ -16,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from contract.config import parse_config
 from contract.draws import route_from_uniforms as route_ref
@@ -27,43 +25,15 @@ from jax_impl.losses import faithfulness, importance_minimality, output_divergen
 from jax_impl.recon import route_from_uniforms
 from jax_impl.sigmoids import ALPHA, ci_pair, lower_leaky_hard, upper_leaky_hard
 from jax_impl.targets import frozen_site
-from jax_impl.train import clip_grad_norm, faithfulness_warmup, make_state
+from jax_impl.state import make_state
+from jax_impl.train import clip_grad_norm, faithfulness_warmup
+from tests.helpers import tms_config, write_tiny_tms
 
 F32 = jnp.float32
 REL = 1e-5  # float32 against float64 hand computations
 
 
 # ---------------------------------------------------------------- fixtures
-def write_tiny_tms(d) -> str:
-    """A 5-feature, 2-hidden TMS target (non-square weights) in `d` (float32 file)."""
-    g = np.random.default_rng(1)
-    w = g.standard_normal((2, 5)).astype(np.float32)
-    path = d / "tms_tiny.safetensors"
-    save_file({"linear1.weight": w, "linear2.weight": np.ascontiguousarray(w.T),
-               "linear2.bias": (0.1 * g.standard_normal(5)).astype(np.float32)}, str(path))
-    (d / "tms_tiny.json").write_text(json.dumps(
-        {"kind": "tms", "config": {"n_features": 5, "n_hidden": 2, "feature_probability": 0.05}, "training": {}}))
-    return str(path)
-
-
-def tms_config(weights: str, **over) -> dict:
-    d = {
-        "seed": 0,
-        "target": {"kind": "tms", "weights": weights},
-        "sites": [{"pattern": "linear1", "C": 4}, {"pattern": "linear2", "C": 3}],
-        "ci_fn": {"type": "mlp", "hidden": [4]},
-        "output_loss": "mse",
-        "loss_terms": [{"type": "faithfulness", "coeff": 1.0},
-                       {"type": "importance_minimality", "coeff": 3e-3},
-                       {"type": "stochastic_recon", "coeff": 1.0}],
-        "optim": {"components": {"lr": {"start": 1e-3}}, "ci_fn": {"lr": {"start": 1e-3}}},
-        "steps": 4,
-        "batch_size": 6,
-    }
-    d.update(over)
-    return d
-
-
 @pytest.fixture
 def tms(tmp_path):
     run = resolve_run(parse_config(tms_config(write_tiny_tms(tmp_path))))
@@ -208,7 +178,7 @@ def test_non_live_site_gets_no_component_gradient_and_runs_frozen_path(tms):
     run, state, model = tms
     x = _x()
     mask, dm = _u((6, 4), 1), _u((6,), 2)
-    params = state["params"]
+    params = state.params
 
     def loss(p):
         return model.masked_forward(model.frozen, p, x, {"linear1": SiteMode(mask, dm, None)}).sum()
@@ -229,7 +199,7 @@ def test_non_live_site_gets_no_component_gradient_and_runs_frozen_path(tms):
 def test_routed_out_positions_equal_frozen_output_bitwise(tms):
     # S6: positions with route False take the frozen output of the same input, bit for bit.
     run, state, model = tms
-    params = state["params"]
+    params = state.params
     x = _x()
     route = jnp.asarray([True, False, True, False, False, True])
     r = np.asarray(route)
@@ -306,15 +276,15 @@ def test_faithfulness_warmup_only_touches_components(tmp_path):
     run = resolve_run(parse_config(tms_config(write_tiny_tms(tmp_path), faithfulness_warmup={"steps": 5, "lr": 1e-2})))
     state = make_state(run, None, F32)
     model = DecomposedModel(run, F32)
-    before = {n: np.asarray(p) for n, p in state["params"].items()}
-    params, losses = faithfulness_warmup(run, model, state["params"])
+    before = {n: np.asarray(p) for n, p in state.params.items()}
+    params, losses = faithfulness_warmup(run, model, state.params)
     assert len(losses) == 5 and losses[-1] < losses[0]
     assert set(params) == set(before)
     for n, p in params.items():
         changed = not _eq(p, before[n])
         assert changed == n.startswith("components."), n
         assert p.dtype == F32
-    assert int(state["opt_components"].inner_state[0].count) == 0  # training optimizers untouched
+    assert int(state.opt_components.inner_state[0].count) == 0  # training optimizers untouched
 
 
 # ---------------------------------------------------------------- eval (S13, S26)
@@ -322,7 +292,7 @@ def test_eval_metrics_toy_variants(tms):
     # S13/S26: eval masks use ci_lower; ci/unmasked/rounded/zero have no delta path;
     # stochastic uses the named eval draws. Mirrors the oracle's eval test.
     run, state, model = tms
-    params, fz = state["params"], model.frozen
+    params, fz = state.params, model.frozen
     x = _x(8, 5, 3)
     plan = eval_draw_plan(run, (8,))
     assert [d.name for d in plan] == ["eval.linear1.source", "eval.linear1.delta", "eval.linear2.source", "eval.linear2.delta"]
@@ -375,13 +345,14 @@ def test_stacked_forwards_equal_one_forward_each(monkeypatch):
     # gradient beyond reassociation; tms_all_terms has every plain plan x source and two
     # draws per stochastic entry, so stacks of 4 (stochastic) and 2 (CI-masked/unmasked) form
     import jax_impl.recon as recon
-    from jax_impl.train import forward_terms, hparams, sample_draws, prng_key
+    from contract.schedules import hparams
+    from jax_impl.train import forward_terms, prng_key, sample_draws
     from contract.draws import draw_plan
     from parity.cases import CASES
 
     run = resolve_run(parse_config(CASES["tms_all_terms"].config_dict()))
     model = DecomposedModel(run, F32)
-    params = make_state(run, None, F32)["params"]
+    params = make_state(run, None, F32).params
     batch = jnp.asarray(np.random.default_rng(0).uniform(size=run.batch_shape + (5,)), F32)
     draws = sample_draws(draw_plan(run), jax.random.fold_in(prng_key(0), 3), F32)
     hp = {k: jnp.asarray(v, F32) for k, v in hparams(run.cfg, 0).items()}

@@ -1,6 +1,5 @@
-"""vpd-layout-diff (contract/layout_diff.py): the checkpoint/weight-file diff of DESIGN.md
-("Tensor-layout contract and checkpoint tools"). Non-square shapes everywhere, because a
-square matrix hides a transpose."""
+"""vpd-layout-diff (contract/layout_diff.py): the checkpoint/weight-file diff of
+SPEC S71. Non-square shapes everywhere, because a square matrix hides a transpose."""
 from __future__ import annotations
 
 import json
@@ -173,7 +172,8 @@ def test_directories_compare_union_by_name(capsys, tmp_path):
     # guards: checkpoint directories compare the union of their *.safetensors tensors by
     # name, however the tensors are split across files
     da, db = tmp_path / "ckA", tmp_path / "ckB"
-    da.mkdir(), db.mkdir()
+    da.mkdir()
+    db.mkdir()
     st(da / "model.safetensors", {"w": W, "v": V})
     st(db / "part-1.safetensors", {"w": W})
     st(db / "part-2.safetensors", {"v": V})

@@ -14,10 +14,13 @@ from contract.resolve import resolve_run
 from oracle_torch.components import DecomposedModel, SiteMode
 from oracle_torch.eval import EVAL_VARIANTS, eval_ci, eval_draw_plan, eval_metrics, sample_eval_draws
 from oracle_torch.losses import output_divergence
-from oracle_torch.train import make_state
-from tests.test_oracle_units import F64, _x, tms, tms_config  # noqa: F401  (tms is a fixture)
+from oracle_torch.state import make_state
+from tests.helpers import tms_config
+from tests.test_oracle_units import F64, _x, tms as _units_tms
 
 torch.set_num_threads(1)
+
+tms = _units_tms  # the fixture of tests/test_oracle_units.py, requested here by name
 
 
 def test_eval_metrics_toy_variants(tms):

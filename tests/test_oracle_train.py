@@ -6,23 +6,39 @@ import hashlib
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import oracle_torch.checkpoint as ckpt_mod
-import oracle_torch.train as train_mod
-from contract.config import ConfigError, parse_config
-from contract.resolve import resolve_run
+from contract.config import ConfigError
+from loop.train import train as loop_train
+from oracle_torch.backend import OracleBackend
 from oracle_torch.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from oracle_torch.cli import main as cli_main
 from oracle_torch.components import DecomposedModel
-from oracle_torch.train import draws_for_step, make_state, train, train_step
-from tests.test_oracle_units import tms_config, write_tiny_tms
+from oracle_torch.state import make_state
+from oracle_torch.train import draws_for_step, train_step
+from tests.helpers import (
+    HookedBackend,
+    crash_at,
+    hook_cli_backend,
+    read_metrics,
+    run_of,
+    signal_after,
+    tms_config,
+    write_cfg,
+    write_tiny_tms,
+)
 
 torch.set_num_threads(1)
+
+
+def train(run, out, **kw):
+    """The training loop (loop/train.py) on the oracle backend."""
+    return loop_train(OracleBackend(run), out, **kw)
 
 
 def tiny_config(weights: str, **over) -> dict:
@@ -46,24 +62,18 @@ def tiny_config(weights: str, **over) -> dict:
 
 @pytest.fixture
 def weights(tmp_path):
-    return write_tiny_tms(tmp_path)
+    return write_tiny_tms(tmp_path, rng="torch")
 
 
-def write_cfg(path, d) -> str:
-    path.write_text(yaml.safe_dump(d))
-    return str(path)
-
-
-def run_of(d):
-    return resolve_run(parse_config(d))
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def latest(out) -> Path:
+    """The latest checkpoint of `out`; the run must have written one."""
+    p = latest_checkpoint(out)
+    assert p is not None, f"no checkpoint in {out}"
+    return p
 
 
 def final_tensors(out) -> dict:
-    return load_file(str(latest_checkpoint(out) / "state.safetensors"))
+    return load_file(str(latest(out) / "state.safetensors"))
 
 
 def assert_same_tensors(a: dict, b: dict):
@@ -77,38 +87,27 @@ def test_resume_reproduces_uninterrupted_run_bitwise(tmp_path, weights, monkeypa
     # bit for bit: params, AdamW state, step counters and every metrics line.
     cfg = write_cfg(tmp_path / "c.yaml", tiny_config(weights))
     assert cli_main(["train", cfg, "--out", str(tmp_path / "A"), "--quiet"]) == 0
-    ref_m, ref_t = metrics(tmp_path / "A"), final_tensors(tmp_path / "A")
+    ref_m, ref_t = read_metrics(tmp_path / "A"), final_tensors(tmp_path / "A")
     assert [m["step"] for m in ref_m] == list(range(8)) and "eval/mse/ci" in ref_m[-1]
     assert int(ref_t["step"]) == 7 and "opt.components.exp_avg.components.linear1.V" in ref_t
 
     # B: SIGTERM after 3 steps (off the checkpoint cadence) -> checkpoint at step 3, exit 143
-    def term_after_3(run, model, state, batch, draws, record=None):
-        out = train_step(run, model, state, batch, draws, record)
-        if state.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(train_mod, "train_step", term_after_3)
-    assert cli_main(["train", cfg, "--out", str(tmp_path / "B"), "--quiet"]) == 128 + signal.SIGTERM
-    assert latest_checkpoint(tmp_path / "B").name == "step_00000003"
-    assert [m["step"] for m in metrics(tmp_path / "B")] == [0, 1, 2]
+    with monkeypatch.context() as mp:
+        hook_cli_backend(mp, after=signal_after(2, signal.SIGTERM))  # after step 2 = 3 steps done
+        assert cli_main(["train", cfg, "--out", str(tmp_path / "B"), "--quiet"]) == 128 + signal.SIGTERM
+    assert latest(tmp_path / "B").name == "step_00000003"
+    assert [m["step"] for m in read_metrics(tmp_path / "B")] == [0, 1, 2]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
     # ... then a crash inside step 5: lines 3, 4 are written, the last checkpoint is step 4
-    def crash_at_5(run, model, state, batch, draws, record=None):
-        if state.step == 5:
-            raise RuntimeError("boom")
-        return train_step(run, model, state, batch, draws, record)
-
-    monkeypatch.setattr(train_mod, "train_step", crash_at_5)
-    with pytest.raises(RuntimeError, match="boom"):
+    with monkeypatch.context() as mp, pytest.raises(RuntimeError, match="boom"):
+        hook_cli_backend(mp, before=crash_at(5))
         cli_main(["train", cfg, "--out", str(tmp_path / "B"), "--quiet"])
-    assert latest_checkpoint(tmp_path / "B").name == "step_00000004"
-    assert [m["step"] for m in metrics(tmp_path / "B")] == [0, 1, 2, 3, 4]  # line 4 is after the checkpoint
+    assert latest(tmp_path / "B").name == "step_00000004"
+    assert [m["step"] for m in read_metrics(tmp_path / "B")] == [0, 1, 2, 3, 4]  # line 4 is after the checkpoint
 
-    monkeypatch.setattr(train_mod, "train_step", train_step)
     assert cli_main(["train", cfg, "--out", str(tmp_path / "B"), "--quiet"]) == 0
-    assert metrics(tmp_path / "B") == ref_m
+    assert read_metrics(tmp_path / "B") == ref_m
     assert_same_tensors(final_tensors(tmp_path / "B"), ref_t)
     assert [p.name for p in list_checkpoints(tmp_path / "B")] == ["step_00000006", "step_00000007"]  # keep 2
 
@@ -122,21 +121,14 @@ def test_resume_with_persistent_pgd_sources_bitwise(tmp_path, weights, monkeypat
                         {"type": "pgd_recon_subset", "coeff": 0.3, "n_steps": 2, "scope": "bc"}]
     run = run_of(d)
     train(run, tmp_path / "A", progress=False)
-    ref_m, ref_t = metrics(tmp_path / "A"), final_tensors(tmp_path / "A")
+    ref_m, ref_t = read_metrics(tmp_path / "A"), final_tensors(tmp_path / "A")
     assert {"sources.t4.linear1", "opt.sources.exp_avg.sources.t4.linear2", "opt.sources.t4.step"} <= set(ref_t)
     assert int(ref_t["opt.sources.t4.step"]) == 5 + 5  # one warmup ascent + the final ascent per step
 
-    def term_after_2(run, model, state, batch, draws, record=None):
-        out = train_step(run, model, state, batch, draws, record)
-        if state.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(train_mod, "train_step", term_after_2)
-    assert train(run, tmp_path / "B", progress=False)["interrupted"]
-    monkeypatch.setattr(train_mod, "train_step", train_step)
+    hooked = HookedBackend(OracleBackend(run), after=signal_after(1, signal.SIGTERM))  # 2 steps done
+    assert loop_train(hooked, tmp_path / "B", progress=False)["interrupted"]
     assert train(run, tmp_path / "B", progress=False)["start_step"] == 2
-    assert metrics(tmp_path / "B") == ref_m
+    assert read_metrics(tmp_path / "B") == ref_m
     assert_same_tensors(final_tensors(tmp_path / "B"), ref_t)
 
 
@@ -148,13 +140,12 @@ def test_checkpoint_roundtrip_restores_optimizer_exactly(tmp_path, weights):
     from contract.data import batch_for_step
     for k in range(2):
         train_step(run, model, state, torch.as_tensor(batch_for_step(run, 0, k), dtype=dt), draws_for_step(run, k, dt))
-    state.extra["note"] = 1
-    p = save_checkpoint(tmp_path / "o", state, run, 2, keep=3, dtype=dt)
+    p = save_checkpoint(tmp_path / "o", state, run, 2, keep=3, dtype=dt, extra={"note": 1})
     meta = json.loads((p / "meta.json").read_text())
     assert meta["step"] == 2 and meta["config"] == run.cfg.to_dict() and meta["config_hash"] == run.cfg.hash()
     assert {"python", "torch", "numpy"} <= set(meta["versions"]) and meta["date"]
     st2 = load_checkpoint(p, run, dt)
-    assert st2.step == 2 and st2.extra == {"note": 1}
+    assert st2.step == 2 and meta["extra"] == {"note": 1}
     assert list(st2.params) == list(state.params)
     for n in state.params:
         assert torch.equal(st2.params[n], state.params[n])
@@ -228,9 +219,9 @@ def test_resume_under_a_different_config_is_refused_with_diff(tmp_path, weights,
     assert "steps: 2 -> 3" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     # --no-resume starts afresh and records the override
     assert cli_main(["train", cfg, "--out", str(out), "--steps", "3", "--no-resume", "--quiet"]) == 0
-    meta = json.loads((latest_checkpoint(out) / "meta.json").read_text())
+    meta = json.loads((latest(out) / "meta.json").read_text())
     assert meta["config"]["steps"] == 3 and meta["step"] == 3
-    assert [m["step"] for m in metrics(out)] == [0, 1, 2, 3]
+    assert [m["step"] for m in read_metrics(out)] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("term, needle", [

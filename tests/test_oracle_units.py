@@ -2,14 +2,12 @@
 Every test cites the SPEC.md invariant it guards."""
 from __future__ import annotations
 
-import json
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from contract.config import parse_config
 from contract.resolve import resolve_run
@@ -17,46 +15,18 @@ from oracle_torch.components import DecomposedModel, SiteMode
 from oracle_torch.eval import next_token_ce
 from oracle_torch.losses import faithfulness, importance_minimality, output_divergence
 from oracle_torch.sigmoids import ALPHA, ci_pair, lower_leaky_hard, upper_leaky_hard
-from oracle_torch.train import clip_grad_norm, faithfulness_warmup, make_state
+from oracle_torch.state import make_state
+from oracle_torch.train import clip_grad_norm, faithfulness_warmup
+from tests.helpers import tms_config, write_tiny_tms
 
 torch.set_num_threads(1)
 F64 = torch.float64
 
 
 # ---------------------------------------------------------------- fixtures
-def write_tiny_tms(d) -> str:
-    """A 5-feature, 2-hidden TMS target (non-square weights) in `d`."""
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(2, 5, generator=g)
-    path = d / "tms_tiny.safetensors"
-    save_file({"linear1.weight": w.contiguous(), "linear2.weight": w.T.contiguous(),
-               "linear2.bias": 0.1 * torch.randn(5, generator=g)}, str(path))
-    (d / "tms_tiny.json").write_text(json.dumps(
-        {"kind": "tms", "config": {"n_features": 5, "n_hidden": 2, "feature_probability": 0.05}, "training": {}}))
-    return str(path)
-
-
-def tms_config(weights: str, **over) -> dict:
-    d = {
-        "seed": 0,
-        "target": {"kind": "tms", "weights": weights},
-        "sites": [{"pattern": "linear1", "C": 4}, {"pattern": "linear2", "C": 3}],
-        "ci_fn": {"type": "mlp", "hidden": [4]},
-        "output_loss": "mse",
-        "loss_terms": [{"type": "faithfulness", "coeff": 1.0},
-                       {"type": "importance_minimality", "coeff": 3e-3},
-                       {"type": "stochastic_recon", "coeff": 1.0}],
-        "optim": {"components": {"lr": {"start": 1e-3}}, "ci_fn": {"lr": {"start": 1e-3}}},
-        "steps": 4,
-        "batch_size": 6,
-    }
-    d.update(over)
-    return d
-
-
 @pytest.fixture
 def tms(tmp_path):
-    run = resolve_run(parse_config(tms_config(write_tiny_tms(tmp_path))))
+    run = resolve_run(parse_config(tms_config(write_tiny_tms(tmp_path, rng="torch"))))
     state = make_state(run, None, F64)
     model = DecomposedModel(run, state.params, F64)
     return run, state, model
@@ -244,7 +214,7 @@ def test_clip_grad_norm_matches_torch(max_norm):
 
 def test_faithfulness_warmup_only_touches_components(tmp_path):
     # S44: AdamW on faithfulness alone, V/U only; its optimizer is discarded.
-    run = resolve_run(parse_config(tms_config(write_tiny_tms(tmp_path), faithfulness_warmup={"steps": 5, "lr": 1e-2})))
+    run = resolve_run(parse_config(tms_config(write_tiny_tms(tmp_path, rng="torch"), faithfulness_warmup={"steps": 5, "lr": 1e-2})))
     state = make_state(run, None, F64)
     model = DecomposedModel(run, state.params, F64)
     before = {n: p.detach().clone() for n, p in state.params.items()}

@@ -1,5 +1,5 @@
 """Schedules (contract/schedules.py) against hand-computed values of the formula in
-ALGORITHM.md §7 (S40) and the importance-minimality p annealing of §5 (S24, S41)."""
+SPEC S40 and the importance-minimality p annealing (S24, S41)."""
 from __future__ import annotations
 
 import math

@@ -28,7 +28,7 @@ def test_benchmark_reports_both_backends(tmp_path):
     assert len(row["jax"]["seconds"]) == len(row["oracle"]["seconds"]) == len(row["ratio_per_round"]) == 2
     assert row["jax"]["steps_per_s"] == 3 / min(row["jax"]["seconds"]) and row["jax"]["compile_s"] > 0
     assert abs(row["ratio"] - row["jax"]["steps_per_s"] / row["oracle"]["steps_per_s"]) < 1e-9
-    assert row["ratio_per_round"] == sorted(o / j for j, o in zip(row["jax"]["seconds"], row["oracle"]["seconds"]))
+    assert row["ratio_per_round"] == sorted(o / j for j, o in zip(row["jax"]["seconds"], row["oracle"]["seconds"], strict=True))
     assert all(abs(x) < 1e3 for x in (row["jax"]["loss"], row["oracle"]["loss"]))
     assert "tms_5-2" in p.stdout and "JAX/oracle" in p.stdout
 

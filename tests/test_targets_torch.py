@@ -13,7 +13,7 @@ from torch import nn
 from contract.corpus import corpus_tokens
 from contract.data import resid_mlp_batch, tms_batch, token_windows
 from contract.targets import WEIGHTS_DIR, load_target_meta, module_table
-from oracle_torch.targets import build_target, load_target, target_forward
+from oracle_torch.targets import TMS, build_target, load_target, target_forward
 
 torch.set_num_threads(1)
 
@@ -104,11 +104,14 @@ def test_tiny_llama_heldout_loss():
 
 
 def test_tiny_llama_config():
+    from transformers import LlamaForCausalLM
+
     cfg = load_target_meta(_path("tiny_llama"))["config"]
     assert cfg["tie_word_embeddings"] is False
     assert cfg["num_key_value_heads"] < cfg["num_attention_heads"]  # GQA
     assert cfg["rope_parameters"]["rope_theta"] == 10000.0
     model = load_target(_path("tiny_llama"))
+    assert isinstance(model, LlamaForCausalLM)
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
 
 
@@ -117,6 +120,7 @@ def test_tms_reconstructs_sparse_inputs(name):
     meta = load_target_meta(_path(name))
     cfg = meta["config"]
     model = load_target(_path(name))
+    assert isinstance(model, TMS)
     x = torch.from_numpy(tms_batch(999, 0, 4096, cfg)).float()
     with torch.no_grad():
         mse = ((target_forward(model, "tms", x) - x) ** 2).mean().item()
@@ -132,12 +136,13 @@ def test_resid_mlp_embedding_and_fit(name):
     meta = load_target_meta(_path(name))
     cfg = meta["config"]
     model = load_target(_path(name))
-    assert tuple(model.W_E.shape) == (cfg["n_features"], cfg["d_embed"])
-    assert torch.allclose(model.W_E.norm(dim=1), torch.ones(cfg["n_features"]), atol=1e-5)
+    W_E = model.get_buffer("W_E")
+    assert tuple(W_E.shape) == (cfg["n_features"], cfg["d_embed"])
+    assert torch.allclose(W_E.norm(dim=1), torch.ones(cfg["n_features"]), atol=1e-5)
     x = torch.from_numpy(resid_mlp_batch(999, 0, 4096, cfg)).float()
     with torch.no_grad():
         y = target_forward(model, "resid_mlp", x)
-        resid_only = x @ model.W_E @ model.W_E.T
+        resid_only = x @ W_E @ W_E.T
     label = x + torch.relu(x)
     mse, base = ((y - label) ** 2).mean().item(), ((resid_only - label) ** 2).mean().item()
     print(f"{name}: mse {mse:.6f} vs residual-only {base:.6f}")
@@ -146,6 +151,7 @@ def test_resid_mlp_embedding_and_fit(name):
 
 def test_fp32_llama_is_stock_transformers_and_fp64_is_true_fp64():
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     meta = load_target_meta(_path("tiny_llama"))
     ids = _input("llama", meta["config"], None, batch=4, seq=48)
@@ -159,13 +165,16 @@ def test_fp32_llama_is_stock_transformers_and_fp64_is_true_fp64():
         assert torch.equal(target_forward(ours, "llama", ids), stock(input_ids=ids, use_cache=False).logits)
     # fp64: the norms, RoPE tables and softmax run in float64 (stock transformers casts to fp32)
     ours64 = load_target(_path("tiny_llama"), torch.float64)
+    assert isinstance(ours64, LlamaForCausalLM)
     norm = ours64.model.layers[0].input_layernorm
+    assert isinstance(norm, LlamaRMSNorm)
     h = torch.randn(3, 5, cfg.hidden_size, dtype=torch.float64)
     ref = norm.weight * (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))
     assert (norm(h) - ref).abs().max().item() < 1e-14
     pos = torch.arange(100)[None]
     cos, sin = ours64.model.rotary_emb(h, pos)
     hd = cfg.head_dim
+    assert hd is not None  # LlamaConfig fills it in (hidden_size // num_attention_heads) when absent
     inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     ang = torch.cat([pos[0, :, None].double() * inv] * 2, dim=-1)
     assert cos.dtype == torch.float64
@@ -207,6 +216,21 @@ def test_strict_loading_names_file_and_keys(tmp_path):
 def test_build_target_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
         build_target("gpt", {})
+
+
+def test_llama_rope_refusals_are_the_jax_ones():
+    # S67/S93: only the default RoPE, its base read from the target's config; the oracle
+    # refuses exactly like JAX (contract.targets.rope_theta) and never falls back to
+    # transformers' default base
+    cfg = {"vocab_size": 16, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32}
+    with pytest.raises(NotImplementedError, match="rope_type 'linear' is not implemented"):
+        build_target("llama", dict(cfg, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}))
+    with pytest.raises(ValueError, match="no RoPE base"):
+        build_target("llama", cfg)
+    with torch.random.fork_rng(devices=[]):
+        m = build_target("llama", dict(cfg, rope_theta=500.0))
+    assert {r._vpd_base for r in m.modules() if hasattr(r, "_vpd_base")} == {500.0}
 
 
 def test_llama_is_causal():

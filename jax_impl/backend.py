@@ -1,0 +1,160 @@
+"""The JAX trainer behind the backend interface (contract/backend.py) that the training loop
+(loop/) and the tools (parity/, scripts/) drive. Mirror: oracle_torch/backend.py.
+
+Built once per run: the model (frozen weights on the device), the jitted step (`Stepper`)
+and the jitted eval (`Evaluator`). Reuse one backend object to train the same run twice in
+a process (a resume, a rerun) without recompiling. Metrics stay device arrays until
+`host_metrics` (the loop pulls them one log interval late, so the device never waits)."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from contract.backend import NO_PROBE, Probe
+from contract.metrics import term_key
+from contract.resolve import ResolvedRun
+from jax_impl import checkpoint as ckpt
+from jax_impl.components import DecomposedModel
+from jax_impl.eval import Evaluator, eval_ci, to_jax_batch
+from jax_impl.state import TrainState, jax_dtype, make_state
+from jax_impl.train import Stepper, faithfulness_warmup, forward_terms
+
+
+class JaxBackend:
+    name = "jax"
+    prog = "vpd-train"
+
+    def __init__(self, run: ResolvedRun):
+        self.run = run
+        self.dtype = jax_dtype(run.cfg.runtime.dtype)
+        self.model = DecomposedModel(run, self.dtype)
+        self.stepper = Stepper(run, self.model, self.dtype)
+        self.evaluator = Evaluator(run, self.model, self.dtype)
+        self._terms = None
+        self._managers: dict[Path, object] = {}
+
+    # ------------------------------------------------------------ state and step
+    def new_state(self, init: dict[str, np.ndarray] | None = None) -> TrainState:
+        return make_state(self.run, init, self.dtype)
+
+    def state_step(self, state: TrainState) -> int:
+        return int(jax.device_get(state.step))
+
+    def faithfulness_warmup(self, state: TrainState) -> tuple[TrainState, list[float]]:
+        params, losses = faithfulness_warmup(self.run, self.model, state.params)
+        return state.replace(params=params), losses
+
+    def batch(self, b: np.ndarray):
+        return to_jax_batch(b, self.dtype)
+
+    def train_step(self, state: TrainState, step: int, batch: np.ndarray, draws: dict | None = None,
+                   probe: Probe | None = None) -> tuple[TrainState, dict]:
+        if draws is None:
+            if probe is not None:
+                raise ValueError("train_step: a probe needs explicit draws (the production step records nothing)")
+            return self.stepper.step_with_key(state, self.batch(batch), step)
+        p = None if probe is None else Probe(probe.record, {n: jnp.asarray(v) for n, v in probe.pins.items()})
+        state, metrics = self.stepper.step_with_draws(state, self.batch(batch), draws, step, p)
+        _to_numpy(None if probe is None else probe.record)
+        return state, metrics
+
+    def _terms_fn(self):
+        """(jitted) terms and gradients of one batch without an update, with a probe."""
+        if self._terms is None:
+            run, model = self.run, self.model
+
+            def f(params, sources, frozen, batch, draws, hp, pins):
+                def loss(p, srcs):
+                    probe = Probe({}, pins)
+                    total, (terms, _) = forward_terms(run, model, frozen, p, batch, draws, hp, srcs, probe)
+                    return (total, terms), probe.record
+
+                (total, terms), vjp, record = jax.vjp(loss, params, sources, has_aux=True)
+                zeros = {k: jnp.zeros_like(v) for k, v in terms.items()}
+                grads, _ = vjp((jnp.ones_like(total), zeros))
+                record |= {f"grad.{n}": g for n, g in grads.items()}
+                for t in run.recon_terms:  # S84 (3): each persistent term's gradient wrt its sources
+                    if t.source == "persistent_pgd":
+                        key = term_key(t.index, run.cfg.loss_terms[t.index])
+                        _, g_src = vjp((jnp.zeros_like(total), zeros | {key: jnp.ones_like(terms[key])}))
+                        record |= {f"grad.sources.{t.bundle}.{n}": g for n, g in g_src[t.bundle].items()}
+                return total, terms, record
+
+            self._terms = jax.jit(f)
+        return self._terms
+
+    def forward_terms(self, state: TrainState, step: int, batch: np.ndarray, draws: dict,
+                      probe: Probe | None = None) -> dict[str, float]:
+        pins = {} if probe is None else {n: jnp.asarray(v) for n, v in probe.pins.items()}
+        d = {n: jnp.asarray(a, self.dtype) for n, a in draws.items()}
+        total, terms, record = self._terms_fn()(state.params, state.sources, self.model.frozen, self.batch(batch), d,
+                                                 self.stepper.hp(step), pins)
+        if probe is not None and probe.record is not None:
+            probe.record.update(record)
+            _to_numpy(probe.record)
+        out = {k: float(v) for k, v in terms.items()}
+        out["total"] = float(total)
+        return out
+
+    def evaluate(self, state: TrainState, step: int) -> dict:
+        return self.evaluator.evaluate_device(state.params, step)
+
+    def ci_lower(self, state: TrainState, batch: np.ndarray) -> dict[str, np.ndarray]:
+        _, ci = eval_ci(self.run, self.model, self.model.frozen, state.params, self.batch(batch))
+        return {k: np.asarray(v) for k, v in jax.device_get(ci).items()}
+
+    def host_metrics(self, metrics: dict) -> dict[str, float]:
+        dev = {k: v for k, v in metrics.items() if not isinstance(v, int | float)}
+        got = jax.device_get(dev)
+        return {k: float(got[k]) if k in got else float(v) for k, v in metrics.items()}
+
+    def export_state(self, state: TrainState) -> dict[str, np.ndarray]:
+        tree = jax.device_get(state.to_tree())
+        return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+    # ------------------------------------------------------------ checkpoints
+    def _manager(self, out_dir: Path):
+        out_dir = Path(out_dir).resolve()
+        if out_dir not in self._managers:
+            self._managers[out_dir] = ckpt.make_manager(out_dir, self.run.cfg.checkpoint.keep)
+        return self._managers[out_dir]
+
+    def latest_checkpoint(self, out_dir: Path) -> Path | None:
+        return ckpt.latest_checkpoint(out_dir)
+
+    def load_checkpoint(self, path: Path) -> tuple[TrainState, dict]:
+        state = ckpt.load_checkpoint(path, self.run, self.dtype)
+        return state, dict(ckpt.read_meta(path).get("extra") or {})
+
+    def save_checkpoint(self, out_dir: Path, state: TrainState, step: int, extra: dict) -> Path:
+        return ckpt.save_checkpoint(out_dir, state, self.run, step, self.run.cfg.checkpoint.keep, self.dtype, extra,
+                                    manager=self._manager(out_dir))
+
+    def clear_checkpoints(self, out_dir: Path) -> None:
+        self._close_manager(out_dir)
+        ckpt.clear_checkpoints(out_dir)
+
+    def _close_manager(self, out_dir: Path) -> None:
+        m = self._managers.pop(Path(out_dir).resolve(), None)
+        if m is not None:
+            m.close()
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "dtype": self.run.cfg.runtime.dtype, "jax": jax.__version__,
+                "devices": [str(d) for d in jax.devices()], "platform": platform.platform()}
+
+    def close(self) -> None:
+        for d in list(self._managers):
+            self._close_manager(d)
+
+
+def _to_numpy(record: dict | None) -> None:
+    """Device arrays of a probe record as numpy arrays, in place (the tools read numpy)."""
+    if record is None:
+        return
+    for k, v in jax.device_get(record).items():
+        record[k] = np.asarray(v)
