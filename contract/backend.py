@@ -10,6 +10,7 @@ Arrays cross the interface as numpy (batches, draws, pins, exported parameters);
 training state stays the backend's own object (`TrainState` in each backend)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +40,24 @@ class Probe:
 
 NO_PROBE = Probe()
 
+# S106 -- the divergence guard. A step is finite when every metric it reports under these
+# prefixes is: its losses (`loss/<i>.<type>`, `loss/total`) and its gradient norms
+# (`grad_norm/<leaf>`, the group norms, the persistent sources'). Both backends and the loop
+# apply this one rule.
+GUARDED = ("loss/", "grad_norm/")
+# The key under which a production step (`train_step` without draws) of a backend with lazy
+# metrics reports the rule's verdict as a device scalar, so the loop checks every step without
+# pulling its metrics; the loop removes it before anything is logged. The parity path
+# (explicit draws) never carries it. A backend with host metrics may leave it out: the loop
+# then applies `nonfinite_metrics` itself.
+FINITE = "guard/finite"
+
+
+def nonfinite_metrics(metrics: dict[str, float]) -> list[str]:
+    """The guarded metrics (S106) of one step's host metrics that are not finite, in the
+    order given."""
+    return [k for k, v in metrics.items() if k.startswith(GUARDED) and not math.isfinite(v)]
+
 
 class Backend(Protocol):
     """What the loop and the tools call. `state` is the backend's TrainState."""
@@ -64,7 +83,9 @@ class Backend(Protocol):
                    probe: Probe | None = None) -> tuple[Any, dict]:
         """Training step `step` (S30). `draws` None = production (sampled by the backend);
         else the draw plan's arrays (parity). Metrics may be lazy (device values): pass them
-        through `host_metrics` to read them."""
+        through `host_metrics` to read them; lazy production metrics also hold `FINITE`
+        (S106). Under `guard.nonfinite: skip` a step that is not finite leaves the state as it
+        was, but for its step counter."""
         ...
 
     def forward_terms(self, state: Any, step: int, batch: np.ndarray, draws: dict[str, np.ndarray],
@@ -76,6 +97,12 @@ class Backend(Protocol):
 
     def evaluate(self, state: Any, step: int) -> dict:
         """The eval metrics of the loop's eval at `step` (possibly lazy)."""
+        ...
+
+    def eval_metrics(self, state: Any, batch: np.ndarray, draws: dict[str, np.ndarray]) -> dict[str, float]:
+        """Every eval metric of `state` on one eval batch with explicit eval draws (the arrays
+        of `eval_draw_plan`, parity mode): `eval/l0/*`, `eval/<mse|kl|ce>/*` and, with
+        `eval.pgd_steps > 0`, `eval/pgd/*` (S88). Host floats."""
         ...
 
     def ci_lower(self, state: Any, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -90,10 +117,25 @@ class Backend(Protocol):
         """Every tensor of the state by its flat checkpoint name (contract/layout.py)."""
         ...
 
-    def latest_checkpoint(self, out_dir: Path) -> Path | None: ...
+    def nonfinite_leaf(self, state: Any) -> str | None:
+        """The name of the first tensor of the state (parameters, optimizer moments, sources
+        and their ascent state) holding a NaN or an infinity; None when all are finite. The
+        loop asks before every checkpoint it saves (S106)."""
+        ...
+
+    def list_checkpoints(self, out_dir: Path) -> list[Path]:
+        """Every checkpoint dir of `out_dir` (`checkpoints/step_XXXXXXXX`), oldest first,
+        complete or not: the loop's resume loads them newest first (S107)."""
+        ...
+
+    def latest_checkpoint(self, out_dir: Path) -> Path | None:
+        """The newest complete checkpoint of `out_dir` (not verified), or None."""
+        ...
 
     def load_checkpoint(self, path: Path) -> tuple[Any, dict]:
-        """(state, extra) of a checkpoint; refused under another config/dtype/target."""
+        """(state, extra) of a checkpoint; its files are verified against its digest first
+        (CheckpointError naming the file and the step, S107); refused under another
+        config/dtype/target (ConfigError)."""
         ...
 
     def save_checkpoint(self, out_dir: Path, state: Any, step: int, extra: dict) -> Path: ...

@@ -5,7 +5,9 @@ item), but the metadata beside them is one JSON dict with the same keys in both:
 `format`, `backend`, `step`, `config` (the resolved config, `cfg.to_dict()`),
 `config_hash`, `dtype`, `target_sha256` (of the target weight file), backend-specific
 entries (`param_order`; JAX also `prng_impl`), `versions`, `platform`, `date` and `extra`
-(training-state notes such as the faithfulness-warmup losses).
+(training-state notes such as the faithfulness-warmup losses), and `digest_file`, the name
+of the checkpoint's commit marker (contract/checkpoint_digest.py; a meta without it predates
+checkpoint digests).
 
 A resume is refused, with a field-by-field diff, under another config, dtype or target
 weight file (S94). The backends name their dtypes (`dtype_name`) and add their own
@@ -14,27 +16,16 @@ checks; the messages here are the ones both print.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import platform
 from pathlib import Path
 
 import numpy as np
 
+from contract.checkpoint_digest import DIGEST_FILE, META_DIGEST_KEY, META_FILE, file_sha256
 from contract.config import ConfigError, config_diff
 from contract.resolve import ResolvedRun
 from contract.targets import resolve_path
-
-META_FILE = "meta.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def target_sha256(run: ResolvedRun) -> str:
@@ -54,6 +45,7 @@ def build_meta(run: ResolvedRun, step: int, dtype_name: str, *, backend: str, fm
     return {
         "format": fmt,
         "backend": backend,
+        META_DIGEST_KEY: DIGEST_FILE,
         "step": step,
         "config": run.cfg.to_dict(),
         "config_hash": run.cfg.hash(),

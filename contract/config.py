@@ -1,19 +1,24 @@
 """The one run-config schema both backends read (YAML in, pydantic, extra="forbid").
 
-Errors name the field path and the bad value: `load_config` wraps pydantic's
+Errors name the field path and the bad value: `parse_config` wraps pydantic's
 ValidationError into `ConfigError` whose message lists `path.to.field: problem (got X)`.
+Reading a YAML file (`load_config`, duplicate keys refused) is `contract/config_file.py`.
 Cross-field rules that depend on the target (e.g. chunk size vs number of sites) are
 checked in `contract.resolve.resolve_run`, which both backends call.
+
+The schema is strict (SPEC S96): pydantic's strict mode (an int field takes an int, not a
+bool, float or string; a bool field takes a bool; a float field takes a float or an int,
+never a bool or a string), every float finite (`allow_inf_nan=False`), AdamW betas in
+[0, 1), and the YAML reader (`contract/config_file.py::ConfigLoader`) refuses a key given
+twice in one mapping.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict as StrictMode, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -21,7 +26,16 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # S96: no unknown keys, no coercion (no bool-as-int, float-as-int, string-as-number or
+    # int-as-bool; an int is still a valid float), no NaN or infinity in any float field
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+# An Adam(W) moment decay: in [0, 1) (1 would never forget, >1 or <0 diverges).
+Beta = Annotated[float, StrictMode(), Field(ge=0, lt=1)]
+# (beta1, beta2). The pair itself is lax so a YAML/JSON list is accepted (strict mode takes only
+# a tuple); each item stays strict.
+Betas = Annotated[tuple[Beta, Beta], Field(strict=False)]
 
 
 # ---------------------------------------------------------------- target & data
@@ -82,7 +96,7 @@ class Schedule(Strict):
 
 class OptimizerConfig(Strict):
     lr: Schedule
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Betas = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     clip: float | None = Field(default=None, gt=0)  # global-norm clip; None = no clip
@@ -183,7 +197,7 @@ class PGDReconSubset(FreshPGDTerm):
 class SourceOptimizer(Strict):
     type: Literal["adam", "sign"] = "adam"
     lr: Schedule = Schedule(start=0.01)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Betas = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
 
 
@@ -254,6 +268,12 @@ class RuntimeConfig(Strict):
     mesh: MeshConfig = MeshConfig()
 
 
+class GuardConfig(Strict):
+    # S106: what a training step with a non-finite loss or gradient norm does: `stop` the run
+    # there (nothing past the last good checkpoint is saved) or `skip` its update and go on
+    nonfinite: Literal["stop", "skip"] = "stop"
+
+
 class RunConfig(Strict):
     seed: int = Field(default=0, ge=0)
     target: TargetConfig
@@ -274,9 +294,13 @@ class RunConfig(Strict):
     log_every: int = Field(default=1, gt=0)
     checkpoint: CheckpointConfig = CheckpointConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    guard: GuardConfig = GuardConfig()
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        d = self.model_dump(mode="json")
+        if self.guard == GuardConfig():  # S106: the default guard is left out, so every config, hash and
+            del d["guard"]  # checkpoint written before the field existed stays the same
+        return d
 
     def hash(self) -> str:
         return config_hash(self.to_dict())
@@ -324,19 +348,6 @@ def parse_config(d: dict, where: str = "<dict>") -> RunConfig:
         return RunConfig.model_validate(d)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, where, d)) from None
-
-
-def load_config(path: str | Path) -> RunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at top level")
-    return parse_config(d, str(path))
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from contract.config import ConfigError, load_config, parse_config
+from contract.config import ConfigError, parse_config
+from contract.config_file import load_config
 from contract.resolve import ResolvedRun, resolve_run
 
 

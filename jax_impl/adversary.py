@@ -8,12 +8,30 @@ import jax.numpy as jnp
 
 from contract.adversary import n_channels, source_shape
 from contract.backend import NO_PROBE, Probe
+from contract.config import FreshPGDTerm, PersistentPGDTerm, SourceOptimizer
 from contract.draws import draw_name
-from contract.resolve import ReconTerm
+from contract.resolve import ReconTerm, ResolvedRun
 from jax_impl.components import SiteMode
 from jax_impl.context import StepContext
 from jax_impl.losses import output_divergence
 from jax_impl.recon import route_from_uniforms
+
+
+def fresh_cfg(run: ResolvedRun, term: ReconTerm) -> FreshPGDTerm:
+    """The config of a fresh-PGD recon term: source 'fresh_pgd' <=> a pgd_recon* term (RECON_TERMS)."""
+    tc = run.cfg.loss_terms[term.index]
+    if not isinstance(tc, FreshPGDTerm):
+        raise TypeError(f"loss_terms.{term.index}: source {term.source!r} needs a pgd_recon* term, got {tc.type!r}")
+    return tc
+
+
+def persistent_cfg(run: ResolvedRun, term: ReconTerm) -> PersistentPGDTerm:
+    """The config of a persistent-PGD recon term: source 'persistent_pgd' <=> a
+    persistent_pgd_recon* term (RECON_TERMS)."""
+    tc = run.cfg.loss_terms[term.index]
+    if not isinstance(tc, PersistentPGDTerm):
+        raise TypeError(f"loss_terms.{term.index}: source {term.source!r} needs a persistent_pgd_recon* term, got {tc.type!r}")
+    return tc
 
 
 def expand_rows(src, batch_rows: int, scope: str):
@@ -51,7 +69,7 @@ def source_divergence(ctx: StepContext, params: dict, live, ci: dict, srcs: dict
 
 
 # ------------------------------------------------------------------ fresh PGD
-def fresh_init(ctx: StepContext, tc, name: str, draws: dict, key: str):
+def fresh_init(ctx: StepContext, tc: FreshPGDTerm, name: str, draws: dict, key: str):
     """S80: random (from the draw plan) | ones | zeroes."""
     if tc.init == "random":
         return draws[key]
@@ -77,7 +95,7 @@ def fresh_pgd_term(ctx: StepContext, params: dict, term: ReconTerm, ci_lower: di
                    probe: Probe = NO_PROBE):
     """S80: per entry, fresh sources, routing drawn once and shared by every ascent and the
     final loss; the final forward uses the (stop-gradient) sources with live CI and V/U."""
-    tc = ctx.run.cfg.loss_terms[term.index]
+    tc = fresh_cfg(ctx.run, term)
     total = 0.0
     for ei, e in enumerate(term.entries):
         routes = entry_routes(term, ei, draws, probe=probe)
@@ -95,7 +113,7 @@ def fresh_pgd_term(ctx: StepContext, params: dict, term: ReconTerm, ci_lower: di
 
 
 # ------------------------------------------------------------------ persistent PGD
-def adam_ascent(srcs: dict, grads: dict, opt: dict, lr, oc) -> tuple[dict, dict]:
+def adam_ascent(srcs: dict, grads: dict, opt: dict, lr, oc: SourceOptimizer) -> tuple[dict, dict]:
     """S84: ascent of a bundle, then clamp to [0, 1]. Adam with bias correction
     (`src += lr * m_hat / (sqrt(v_hat) + eps)`, eps outside the sqrt) or sign.
     Returns (sources, optimizer state)."""
@@ -123,7 +141,7 @@ def persistent_warmup(ctx: StepContext, params: dict, term: ReconTerm, ci_det: d
                       lr) -> tuple[dict, dict]:
     """S84 (1): n_warmup ascents on the term's recon loss, components and CI detached,
     every site live and routed everywhere. Returns (sources, optimizer state)."""
-    tc = ctx.run.cfg.loss_terms[term.index]
+    tc = persistent_cfg(ctx.run, term)
     params = jax.lax.stop_gradient(params)
     for _ in range(tc.n_warmup):
         grads = jax.grad(lambda s: source_divergence(ctx, params, ctx.run.site_names, ci_det, s, None, tc.scope)[0])(srcs)
@@ -134,7 +152,7 @@ def persistent_warmup(ctx: StepContext, params: dict, term: ReconTerm, ci_det: d
 def persistent_pgd_term(ctx: StepContext, params: dict, term: ReconTerm, ci_lower: dict, srcs: dict, draws: dict,
                         probe: Probe = NO_PROBE):
     """S84 (2): the main loss with the sources as leaves (their gradient is the final ascent)."""
-    tc = ctx.run.cfg.loss_terms[term.index]
+    tc = persistent_cfg(ctx.run, term)
     total = 0.0
     for ei, e in enumerate(term.entries):
         routes = entry_routes(term, ei, draws, probe=probe)

@@ -2,8 +2,9 @@
 same directory naming, same refusal rules).
 
 Layout: `out_dir/checkpoints/step_{step:08d}/`, written by an orbax `CheckpointManager`
-(`max_to_keep = cfg.checkpoint.keep`). orbax writes into a temporary directory and renames it
-on commit, so a checkpoint is either complete or absent. Each checkpoint holds two items:
+(`max_to_keep = cfg.checkpoint.keep`; damaged dirs count and rotate out like the others).
+orbax writes into a temporary directory and renames it on commit. Each checkpoint holds two
+items:
 
 - `state`: the whole training-state pytree — params, both optax AdamW states (injected
   hyper-parameters, counts, moments) and `step` — restored against an abstract tree built
@@ -11,7 +12,15 @@ on commit, so a checkpoint is either complete or absent. Each checkpoint holds t
 - `meta` (also copied to a plain `meta.json` in the step dir, written atomically after the
   commit, for tools that do not use orbax): JSON with the step, the resolved config (`cfg.to_dict()`) and its hash, the dtype,
   the sha256 of the target weights, library versions, date and `extra` (training notes such
-  as the faithfulness-warmup losses).
+  as the faithfulness-warmup losses);
+
+and, written last, `digest.json` (contract/checkpoint_digest.py, shared with the oracle):
+size and sha256 of every file of the directory, orbax's and meta.json. It is the commit
+marker: a step dir without it (a kill between orbax's commit and the marker) is an
+incomplete save, never loaded. A load verifies the digest before orbax reads anything; a
+missing, truncated or altered file raises `CheckpointError` naming the file and the step
+(S107). A checkpoint written before digests (no digest.json, no `digest_file` in its
+meta.json, orbax's `state` item present) loads unverified, with a one-line warning.
 
 The meta dict and the refusal of a resume under a different config, dtype or target (a
 field-by-field diff) are shared with the oracle (`contract/checkpoint_meta.py`). Saves are synchronous: the training step donates its state
@@ -19,8 +28,6 @@ buffers, so an asynchronous writer could read a buffer the next step already reu
 """
 from __future__ import annotations
 
-import os
-import re
 import shutil
 from pathlib import Path
 
@@ -28,7 +35,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from contract import checkpoint_meta as cm
+from contract import checkpoint_digest as cd, checkpoint_meta as cm
 from contract.checkpoint_meta import META_FILE, target_sha256  # noqa: F401  (public names)
 from contract.config import ConfigError, parse_config
 from contract.init import init_state
@@ -38,8 +45,11 @@ from jax_impl.train import prng_impl
 
 CKPT_SUBDIR = "checkpoints"
 FORMAT = "vpd-jax-checkpoint/1"
-_STEP_RE = re.compile(r"^step_(\d{8})$")
+_STEP_RE = cd.STEP_RE
 ITEMS = ("state", "meta")
+# what a checkpoint written before digests must hold besides meta.json (copied there after
+# orbax's commit, so its presence means the commit happened)
+LEGACY_FILES = ("state",)
 
 
 def _dtype_name(dtype) -> str:
@@ -47,11 +57,12 @@ def _dtype_name(dtype) -> str:
 
 
 def _versions() -> dict:
-    import jaxlib
+    from importlib.metadata import version
+
     import optax
-    out = cm.base_versions() | {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "optax": optax.__version__}
+    # jaxlib does not export __version__ to type checkers; its distribution metadata is the same string
+    out = cm.base_versions() | {"jax": jax.__version__, "jaxlib": version("jaxlib"), "optax": optax.__version__}
     try:
-        from importlib.metadata import version
         out["orbax-checkpoint"] = version("orbax-checkpoint")
     except Exception:  # pragma: no cover - metadata missing in odd installs
         pass
@@ -88,19 +99,22 @@ def _split(path: str | Path) -> tuple[Path, int]:
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run dir, oldest first (orbax temp dirs are ignored)."""
-    if not checkpoint_root(out_dir).is_dir():
-        return []
-    mngr = make_manager(out_dir, read_only=True)
-    try:
-        return [_step_path(out_dir, s) for s in sorted(mngr.all_steps())]
-    finally:
-        mngr.close()
+    """The checkpoint dirs (`step_XXXXXXXX`) of a run dir, oldest first, complete or not
+    (orbax temp dirs are ignored): `load_checkpoint` verifies one."""
+    return cd.step_dirs(checkpoint_root(out_dir))
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    cks = list_checkpoints(out_dir)
+    """The newest complete checkpoint (its digest.json present, or one written before
+    digests); not verified (`load_checkpoint` does that)."""
+    cks = [p for p in list_checkpoints(out_dir) if cd.is_complete(p, LEGACY_FILES)]
     return cks[-1] if cks else None
+
+
+def verify_checkpoint(path: str | Path) -> bool:
+    """Check the checkpoint dir `path` against its digest (CheckpointError naming the file
+    otherwise); False for a checkpoint written before digests (loaded unverified)."""
+    return cd.verify_checkpoint(path, LEGACY_FILES)
 
 
 def save_checkpoint(out_dir: str | Path, state: TrainState, run: ResolvedRun, step: int, keep: int, dtype=None,
@@ -116,29 +130,24 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, run: ResolvedRun, st
     meta = cm.build_meta(run, step, _dtype_name(dtype), backend="jax", fmt=FORMAT, versions=_versions(), extra=extra,
                          prng_impl=production_prng_impl(run), param_order=list(state.params))
     mngr = manager or make_manager(out_dir, keep)
+    path = _step_path(out_dir, step)
     try:
-        if step in mngr.all_steps():  # same step written again (e.g. a fresh run over an old dir)
+        if step in mngr.all_steps():  # same step written again (e.g. a fresh run over an old dir, a damaged one)
             mngr.delete(step)
+        if path.exists():  # a damaged dir orbax does not take for a step
+            shutil.rmtree(path)
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state.to_tree()), meta=ocp.args.JsonSave(meta)),
                   force=True)
         mngr.wait_until_finished()
     finally:
         if manager is None:
             mngr.close()
-    path = _step_path(out_dir, step)
-    _write_json_atomic(path / META_FILE, meta)
+    # a plain meta.json copy of the meta item beside orbax's items (for the loader's checks
+    # and for tools that read a checkpoint without orbax), then the commit marker, each
+    # written via temp file + rename
+    cd.write_text_atomic(path / META_FILE, cm.meta_json(meta))
+    cd.write_digest(path, step)
     return path
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    """A plain `meta.json` copy of the meta item beside orbax's items, for tools that read a
-    checkpoint without orbax (parity/tms_recovery, humans). Written via temp file + rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(cm.meta_json(obj))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_meta(path: str | Path) -> dict:
@@ -176,22 +185,28 @@ def abstract_state(run: ResolvedRun, dtype) -> dict:
 
 
 def load_checkpoint(path: str | Path, run: ResolvedRun, dtype) -> TrainState:
-    """Restore the whole training state (params, both optax states, step) exactly."""
+    """Restore the whole training state (params, both optax states, step) exactly. The files
+    are verified against the digest first (CheckpointError naming the file and the step)."""
     path = Path(path)
     out_dir, step = _split(path)
-    meta = read_meta(path)
+    verify_checkpoint(path)
+    meta = cm.read_meta(path)  # the plain copy of the meta item, verified with the rest
     cm.check_format(meta, FORMAT, path)
     check_compatible(meta, run, dtype, path)
     target = abstract_state(run, dtype)
     mngr = make_manager(out_dir, read_only=True)
     try:
         state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types; reachable for an unverified (legacy) one
+        raise cd.unreadable(path, "orbax item 'state'", e) from e
     finally:
         mngr.close()
     if jax.tree.structure(state) != jax.tree.structure(target):
         raise ValueError(f"checkpoint {path}: the stored state's structure differs from the run's")
     bad = [f"{jax.tree_util.keystr(k)}: {a.shape}/{a.dtype} vs {t.shape}/{t.dtype}"
-           for (k, a), t in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(target))
+           for (k, a), t in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(target), strict=True)
            if a.shape != t.shape or a.dtype != t.dtype]
     if bad:
         raise ValueError(f"checkpoint {path}: restored leaves differ from the run: " + "; ".join(bad))

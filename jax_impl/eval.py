@@ -8,10 +8,16 @@ On one eval batch, every site live and routed everywhere:
   (KL(clean || masked), mean over positions), `eval/ce/{variant}` (next-token CE) and
   `eval/ce/target` (the clean model).
 
+With `eval.pgd_steps > 0`, also `eval/pgd/{mse|kl}` (S88, `pgd_probe`): the output loss
+after `eval.pgd_steps` sign ascents of per-position sources, every site live and routed
+everywhere, CI and V/U constant; a metric only (stop-gradient), inside the jitted eval.
+
 CI in eval is deterministic (no binomial noise). The only random draws are
-`eval.{site}.source` [..., C] and `eval.{site}.delta` [...] (`eval_draw_plan`). In production
-they come from `jax.random` keyed by `fold_in(fold_in(prng_key(seed + 1), step), j)` for eval
-batch j of the eval at `step` (`eval_key`); the parity harness may pass explicit draws.
+`eval.{site}.source` [..., C], `eval.{site}.delta` [...] and, with the PGD probe,
+`eval.{site}.pgd_init` (U[0,1), bsc scope shape) (`eval_draw_plan`, the oracle's list and
+order). In production they come from `jax.random` keyed by
+`fold_in(fold_in(prng_key(seed + 1), step), j)` for eval batch j of the eval at `step`
+(`eval_key`); the parity harness may pass explicit draws.
 Batch j of the eval at step k is eval-stream step `k * n_batches + j` (as in the oracle).
 """
 from __future__ import annotations
@@ -22,17 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contract.adversary import n_channels, source_shape
 from contract.data import batch_for_step
 from contract.draws import DrawSpec
 from contract.metrics import EVAL_VARIANTS
 from contract.resolve import ResolvedRun
+from jax_impl.adversary import sign_ascent, source_divergence
 from jax_impl.ci_fn import ci_logits
 from jax_impl.components import DecomposedModel, SiteMode, inner_act
+from jax_impl.context import StepContext
 from jax_impl.losses import output_divergence
 from jax_impl.recon import bernoulli_from_uniform
 from jax_impl.sigmoids import ci_pair
 from jax_impl.train import prng_key
-
 
 
 def eval_draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...]) -> list[DrawSpec]:
@@ -43,12 +51,19 @@ def eval_draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...]) -> list[DrawS
         plan.append(DrawSpec(f"eval.{s.name}.source", bs + (s.C,)))
         if run.cfg.use_delta_component:
             plan.append(DrawSpec(f"eval.{s.name}.delta", bs))
+        if run.cfg.eval.pgd_steps:
+            plan.append(DrawSpec(f"eval.{s.name}.pgd_init", source_shape(bs, "bsc", n_channels(run.cfg, s.C))))
     return plan
 
 
 def eval_batch_shape(run: ResolvedRun) -> tuple[int, ...]:
     B = run.cfg.eval.batch_size
-    return (B, run.cfg.data.seq_len) if run.cfg.target.kind == "llama" else (B,)
+    if run.cfg.target.kind != "llama":
+        return (B,)
+    T = run.cfg.data.seq_len
+    if T is None:
+        raise ValueError("data.seq_len: required for the llama target")
+    return (B, T)
 
 
 def eval_key(seed: int, step: int, j: int, mesh_data: int = 1):
@@ -64,7 +79,7 @@ def sample_eval_draws(plan: list[DrawSpec], key, dtype) -> dict:
 def to_jax_batch(b: np.ndarray, dtype):
     """numpy batch -> JAX: token ids stay integer (int32 unless x64), toy features take the working dtype."""
     if b.dtype.kind in "iu":
-        return jnp.asarray(b if jax.config.jax_enable_x64 else b.astype(np.int32))
+        return jnp.asarray(b if jax.config.read("jax_enable_x64") else b.astype(np.int32))
     return jnp.asarray(b, dtype)
 
 
@@ -130,7 +145,23 @@ def _eval_body(run: ResolvedRun, model: DecomposedModel, frozen, params: dict, b
             out[f"eval/ce/{v}"] = next_token_ce(pred, batch)
         else:
             out[f"eval/mse/{v}"] = output_divergence("mse", pred, clean)
+    if run.cfg.eval.pgd_steps:
+        ctx = StepContext(run=run, model=model, frozen=frozen, batch=batch, clean=clean)
+        out[f"eval/pgd/{'kl' if llama else 'mse'}"] = pgd_probe(ctx, params, ci_lower, draws)
     return out
+
+
+def pgd_probe(ctx: StepContext, params: dict, ci_lower: dict, draws: dict):
+    """S88: the recon loss under a fresh-PGD adversary (every site live, routed everywhere,
+    per-position sources from `eval.<site>.pgd_init`, `eval.pgd_steps` sign ascents of
+    `eval.pgd_step_size`, the `lax.scan` of `sign_ascent`). Stop-gradient: a metric, never a loss."""
+    e, sites = ctx.run.cfg.eval, ctx.run.site_names
+    params = jax.lax.stop_gradient(params)
+    ci_lower = jax.lax.stop_gradient(ci_lower)
+    srcs = {n: draws[f"eval.{n}.pgd_init"] for n in sites}
+    srcs = sign_ascent(ctx, params, sites, ci_lower, srcs, None, "bsc", e.pgd_step_size, e.pgd_steps)
+    d, _ = source_divergence(ctx, params, sites, ci_lower, srcs, None, "bsc")
+    return jax.lax.stop_gradient(d)
 
 
 class Evaluator:

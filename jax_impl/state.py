@@ -29,7 +29,7 @@ def jax_dtype(name: str):
         return jnp.float32
     if name not in DTYPES:
         raise ValueError(f"runtime.dtype: the JAX trainer runs float32 or float64, not {name!r}")
-    if name == "float64" and not jax.config.jax_enable_x64:
+    if name == "float64" and not jax.config.read("jax_enable_x64"):
         raise ValueError("runtime.dtype: float64 needs jax_enable_x64 (set JAX_ENABLE_X64=1 before JAX starts)")
     return DTYPES[name]
 
@@ -75,8 +75,13 @@ def make_state(run: ResolvedRun, arrays: dict[str, np.ndarray] | None, dtype) ->
     params = {n: jnp.asarray(a, dtype=dtype) for n, a in arrays.items() if not n.startswith("sources.")}
     comp, ci = split_groups(params)
     o = run.cfg.optim
-    sources = {t.bundle: {s.name: jnp.asarray(arrays[f"sources.{t.bundle}.{s.name}"], dtype=dtype) for s in run.sites}
-               for t in run.recon_terms if t.source == "persistent_pgd"}
+    sources: dict[str, dict[str, jax.Array]] = {}
+    for t in run.recon_terms:
+        if t.source == "persistent_pgd":
+            if t.bundle is None:  # resolve_run names the bundle of every persistent term (S85)
+                raise ValueError(f"loss_terms.{t.index}: a persistent PGD term without a source bundle")
+            sources[t.bundle] = {s.name: jnp.asarray(arrays[f"sources.{t.bundle}.{s.name}"], dtype=dtype)
+                                 for s in run.sites}
     return TrainState(params=params, opt_components=adamw(o.components).init(comp), opt_ci_fn=adamw(o.ci_fn).init(ci),
                       step=jnp.asarray(0, jnp.int32), sources=sources,
                       source_opt={b: init_source_opt(v) for b, v in sources.items()})

@@ -24,8 +24,8 @@ Numerics of the Llama forward (written from the math of transformers' ``modeling
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +36,12 @@ from contract.layout import file_to_jax, tensor_kind
 from contract.targets import (
     EMBEDS_VS_EMBED_SITE,
     ModuleInfo,
-    expected_file_tensors,
+    check_weight_file,
     load_target_meta,
     module_table,
     resolve_path,
     rope_theta,
+    tied_lm_head,
 )
 
 SiteFn = Callable[[str, jnp.ndarray], jnp.ndarray]
@@ -58,7 +59,7 @@ def _mm(x, w):
 
 def _check_dtype(dtype) -> jnp.dtype:
     dt = jnp.dtype(dtype)
-    if dt == jnp.float64 and not jax.config.jax_enable_x64:
+    if dt == jnp.float64 and not jax.config.read("jax_enable_x64"):
         raise ValueError(
             "float64 target requested but jax_enable_x64 is off; enable it before creating arrays "
             "(jax.config.update('jax_enable_x64', True) or JAX_ENABLE_X64=1)"
@@ -71,27 +72,14 @@ def load_frozen(weights_path: str | Path, dtype=jnp.float32) -> tuple[str, dict,
     dt = _check_dtype(dtype)
     meta = load_target_meta(weights_path)
     kind, cfg = meta["kind"], meta["config"]
+    check_weight_file(weights_path, kind, cfg)  # names, shapes, dtypes, finiteness (S96, shared with the oracle)
     raw = load_file(str(resolve_path(weights_path)))
-    if kind == "llama" and "lm_head.weight" not in raw and cfg.get("tie_word_embeddings", False):
+    if tied_lm_head(kind, cfg) and "lm_head.weight" not in raw:
         # save_pretrained drops the tied copy; the lm_head site still exists (file layout [V, d])
         raw["lm_head.weight"] = raw["model.embed_tokens.weight"]
-    want = expected_file_tensors(kind, cfg)
-    missing = sorted(set(want) - set(raw))
-    if missing:
-        raise ValueError(f"target {weights_path}: weight file lacks tensors {missing}")
     frozen: dict[str, jnp.ndarray] = {}
     for name, arr in raw.items():
-        if name in want and tuple(arr.shape) != want[name]:
-            raise ValueError(
-                f"target {weights_path}: tensor {name} has shape {tuple(arr.shape)} in the file, "
-                f"expected {want[name]} (file layout)"
-            )
-        try:
-            tensor_kind(name)
-        except KeyError:
-            if name not in want:
-                continue  # an extra tensor no forward uses (e.g. a buffer); not loaded
-            raise
+        tensor_kind(name)  # every tensor of expected_file_tensors has a layout row (tests/test_jax_targets.py)
         a = np.asarray(file_to_jax(name, arr))
         frozen[name] = jnp.asarray(a, dtype=dt if np.issubdtype(a.dtype, np.floating) else a.dtype)
     return kind, cfg, frozen

@@ -1,9 +1,12 @@
 """One jitted VPD training step and the faithfulness warmup (SPEC S30-S45).
-Mirrors oracle_torch/train.py: `make_state`, `hparams`, `sample_draws`,
-`faithfulness_warmup`, `clip_grad_norm`, `forward_terms`, `l0_per_site`, `train_step`.
+Mirrors oracle_torch/train.py: `sample_draws`, `faithfulness_warmup`, `clip_grad_norm`,
+`forward_terms`, `clean_and_ci`, `adversary_warmup`, `l0_per_site`, `train_step_body` (the
+oracle's `train_step`). The state is `jax_impl/state.py::TrainState`; schedule values come
+from `contract/schedules.py::hparams`.
 
-The step takes either explicit draws (parity) or samples the draw plan from
-`fold_in(prng_key(seed), step)` (production) — both go through `train_step_body`."""
+`Stepper` builds the jitted step once per run: it takes either explicit draws (parity) or
+samples the draw plan from `fold_in(prng_key(seed), step)` (production) — both go through
+`train_step_body`."""
 from __future__ import annotations
 
 from functools import partial
@@ -13,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from contract.backend import NO_PROBE, Probe
+from contract.backend import FINITE, GUARDED, NO_PROBE, Probe
 from contract.draws import DrawSpec, draw_plan
 from contract.metrics import term_key
 from contract.resolve import ResolvedRun
 from contract.schedules import hparams
-from jax_impl.adversary import adam_ascent, fresh_pgd_term, persistent_pgd_term, persistent_warmup
+from jax_impl.adversary import adam_ascent, fresh_pgd_term, persistent_cfg, persistent_pgd_term, persistent_warmup
 from jax_impl.ci_fn import ci_logits
 from jax_impl.components import DecomposedModel, inner_act
 from jax_impl.context import StepContext
@@ -27,6 +30,7 @@ from jax_impl.mesh import Placement, make_data_mesh
 from jax_impl.recon import MASK_SOURCES, recon_terms
 from jax_impl.sigmoids import ci_pair
 from jax_impl.state import TrainState, adamw, split_groups
+
 
 def compute_dtype(run: ResolvedRun):
     """S70: bf16 compute runs the forwards in bfloat16 from fp32 masters; None = the masters' dtype."""
@@ -66,7 +70,7 @@ def sample_draws(plan: list[DrawSpec], key, dtype) -> dict:
     # consumer of a draw, recomputing it in the forward and again in the backward
     flat = jax.lax.optimization_barrier(jax.random.uniform(key, (sum(sizes),), dtype))
     out, i = {}, 0
-    for d, n in zip(plan, sizes):
+    for d, n in zip(plan, sizes, strict=True):
         out[d.name] = flat[i:i + n].reshape(d.shape)
         i += n
     return out
@@ -141,6 +145,9 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, frozen, params: dict
         elif recon[i].source == "fresh_pgd":
             v = fresh_pgd_term(ctx, params, recon[i], ci_lower, draws, probe=probe)
         elif recon[i].source == "persistent_pgd":
+            if sources is None:
+                raise ValueError(f"forward_terms: loss_terms.{i} is a persistent PGD term and needs `sources` "
+                                 "(the persistent-PGD sources by bundle); none were given")
             v = persistent_pgd_term(ctx, params, recon[i], ci_lower, sources[recon[i].bundle], draws, probe=probe)
         elif recon[i].source in MASK_SOURCES:
             v = masked[i]
@@ -176,7 +183,7 @@ def clean_and_ci(run: ResolvedRun, model: DecomposedModel, frozen, params: dict,
 def adversary_warmup(run: ResolvedRun, model: DecomposedModel, frozen, params, batch, draws: dict, hp: dict,
                      sources: dict, source_opt: dict) -> tuple[dict, dict]:
     """S84 (1): each persistent term's n_warmup detached ascents, before the main loss."""
-    terms = [t for t in run.recon_terms if t.source == "persistent_pgd" and run.cfg.loss_terms[t.index].n_warmup]
+    terms = [t for t in run.recon_terms if t.source == "persistent_pgd" and persistent_cfg(run, t).n_warmup]
     if not terms:
         return sources, source_opt
     params, frozen, batch, draws = to_compute((params, frozen, batch, draws), compute_dtype(run))
@@ -211,6 +218,7 @@ def train_step_body(run: ResolvedRun, model: DecomposedModel, state: TrainState,
 
     (total, terms), vjp, (ci_lower, recorded) = jax.vjp(loss, params, sources, has_aux=True)
     if probe.record is not None:
+        assert recorded is not None  # the inner probe records whenever this one does
         probe.record.update(recorded)
     zeros = {k: jnp.zeros_like(v) for k, v in terms.items()}
     grads, _ = vjp((jnp.ones_like(total), zeros))
@@ -246,21 +254,38 @@ def train_step_body(run: ResolvedRun, model: DecomposedModel, state: TrainState,
             for n, v in g.items():
                 probe.put(f"grad.sources.{t.bundle}.{n}", v)
             sources[t.bundle], source_opt[t.bundle] = adam_ascent(
-                sources[t.bundle], g, source_opt[t.bundle], hp[f"lr_sources.{t.bundle}"], cfg.loss_terms[t.index].optimizer)
+                sources[t.bundle], g, source_opt[t.bundle], hp[f"lr_sources.{t.bundle}"], persistent_cfg(run, t).optimizer)
             for n, v in g.items():
                 metrics[f"grad_norm/sources.{t.bundle}.{n}"] = jnp.linalg.norm(v.ravel())
             metrics[f"param_norm/sources.{t.bundle}"] = global_norm(sources[t.bundle])
     metrics |= {f"l0/{n}": v for n, v in l0_per_site(ci_lower).items()}
     metrics |= {f"sched/{k}": v for k, v in hp.items()}
-    state = TrainState(params=params, opt_components=new["opt_components"][1], opt_ci_fn=new["opt_ci_fn"][1],
-                       step=state.step + 1, sources=sources, source_opt=source_opt)
-    return state, metrics
+    new_state = TrainState(params=params, opt_components=new["opt_components"][1], opt_ci_fn=new["opt_ci_fn"][1],
+                           step=state.step + 1, sources=sources, source_opt=source_opt)
+    if cfg.guard.nonfinite == "skip":
+        # S106: a step with a non-finite loss or gradient norm keeps the pre-step state (the
+        # sources as they were before the warmup too); selected on the device, no host sync
+        ok = step_finite(metrics)
+        kept = state.replace(step=state.step + 1)
+        new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, kept)
+        comp, ci = split_groups(new_state.params)  # the norms of the parameters the step leaves
+        metrics["param_norm/components"] = global_norm(comp)
+        metrics["param_norm/ci_fn"] = global_norm(ci)
+        for b, srcs in new_state.sources.items():
+            metrics[f"param_norm/sources.{b}"] = global_norm(srcs)
+    return new_state, metrics
+
+
+def step_finite(metrics: dict):
+    """S106: a device bool, every loss and gradient norm of the step finite."""
+    return jnp.stack([jnp.all(jnp.isfinite(v)) for k, v in metrics.items() if k.startswith(GUARDED)]).all()
 
 
 class Stepper:
     """The jitted steps of one run, built once: `step_with_draws` (parity: explicit draws,
     optionally with a probe) and `step_with_key` (production: draws sampled inside the step
-    from `fold_in(prng_key(seed), step)`). State buffers are donated."""
+    from `fold_in(prng_key(seed), step)`; its metrics also hold the device flag
+    `contract.backend.FINITE`, S106). State buffers are donated."""
 
     def __init__(self, run: ResolvedRun, model: DecomposedModel, dtype):
         self.run, self.model, self.dtype = run, model, dtype
@@ -273,7 +298,11 @@ class Stepper:
 
     def _key_body(self, state: TrainState, frozen, batch, seed_key, hp):
         key = jax.random.fold_in(seed_key, state.step)
-        return train_step_body(self.run, self.model, state, frozen, batch, sample_draws(self.plan, key, self.dtype), hp)
+        state, metrics = train_step_body(self.run, self.model, state, frozen, batch,
+                                         sample_draws(self.plan, key, self.dtype), hp)
+        # S106: the production step reports its finite flag, so the loop checks every step
+        # without pulling its metrics (the parity step, `step_with_draws`, does not)
+        return state, metrics | {FINITE: step_finite(metrics)}
 
     def _probe_body(self, state: TrainState, frozen, batch, draws, hp, pins):
         record: dict = {}

@@ -6,19 +6,31 @@
     python -m jax_impl.cli train CONFIG --out DIR [...the same...]
 
 Overrides (--steps, --dtype) are written into the resolved config, so they are recorded in
-every checkpoint and a resume under other overrides is refused with a diff. A config or
-file problem prints one line `PROG: error: ...` and exits with code 2; an interrupted run
-(SIGINT/SIGTERM) saves a checkpoint and exits with 128 + signal number; a second signal
-aborts without saving (exit 130)."""
+every checkpoint and a resume under other overrides is refused with a diff.
+
+One error surface (SPEC S105; the table with what to do is README "Exit codes"): every
+anticipated failure is one line `PROG: error: ...` on stderr naming the file, field or
+directory, and its own exit code (contract/errors.py): config or input invalid 2, run
+directory of the other backend 3, locked by another run 4, checkpoint damaged 5, diverged
+6, disk full 7, out of memory 8, devices not matching the run 9. An interrupted run
+(SIGINT/SIGTERM) saves a checkpoint and exits with 128 + signal number; a second signal,
+or one outside the training loop, aborts at once without saving (130, no traceback:
+loop/signals.py). Anything else is a bug: its traceback, one line asking to report it, 70."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import re
 import signal
 import sys
+import traceback
+from collections.abc import Iterator
 
-from contract import runlog
-from contract.config import ConfigError
+from contract import errors as E, runlog
+from contract.config import ConfigError, RunConfig
+from loop.signals import AbortOnSignal
 
 PROGS = {"torch": ("vpd-oracle", "the torch oracle"), "jax": ("vpd-train", "the JAX trainer")}
 
@@ -42,9 +54,111 @@ def parser(backend: str) -> argparse.ArgumentParser:
     return ap
 
 
-def _error(prog: str, msg: str) -> int:
+def _error(prog: str, msg: str, code: int = E.EXIT_INPUT) -> int:
     print(f"{prog}: error: {runlog.one_line(msg)}", file=sys.stderr)
-    return 2
+    return code
+
+
+# ------------------------------------------------------------------ failures -> (exit code, one line)
+_DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+# the same conditions as text, for errors that arrive wrapped: orbax/tensorstore raise
+# ValueError("RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']"),
+# safetensors SafetensorError("... No space left on device (os error 28)")
+_DISK_FULL_TEXT = {os.strerror(n): why for n, why in _DISK_FULL.items()}
+_QUOTED_PATH = re.compile(r'(?:file|path|directory) "([^"]+)"')
+_OOM_TEXT = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+_MESH = re.compile(r"^runtime\.mesh\.data: \d+ devices requested")
+_CONFIG_FIELD = re.compile(r"^(" + "|".join(map(re.escape, RunConfig.model_fields)) + r")(\.[\w.]+)?: ")
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """`e`, its causes and contexts, and the members of exception groups (each once)."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [c for c in (x.__cause__, x.__context__) if c is not None]
+        if isinstance(x, BaseExceptionGroup):
+            todo += list(x.exceptions)
+
+
+def _disk_full(e: BaseException) -> tuple[str, str | None] | None:
+    """(why, path or None) when `e` is (wraps) a full disk or an exceeded quota."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in _DISK_FULL:
+            return _DISK_FULL[x.errno], None if x.filename is None else str(x.filename)
+        for text, why in _DISK_FULL_TEXT.items():
+            if text in str(x):
+                m = _QUOTED_PATH.search(str(x))
+                return why, m.group(1) if m else None
+    return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    for x in _chain(e):
+        msg = str(x).lower()
+        if isinstance(x, MemoryError) or type(x).__name__ == "OutOfMemoryError":  # torch's, without importing torch
+            return True
+        if isinstance(x, RuntimeError) and (any(t in msg for t in _OOM_TEXT)
+                                            or ("resource_exhausted" in msg and "memory" in msg)):  # XLA
+            return True
+    return False
+
+
+def _device_problem(e: BaseException) -> bool:
+    # jax_impl/mesh.py raises ValueError("runtime.mesh.data: N devices requested, M available ...");
+    # JAX raises RuntimeError("Unable to initialize backend ...") for a platform it cannot start
+    return (isinstance(e, ValueError) and bool(_MESH.match(str(e)))) or \
+        (isinstance(e, RuntimeError) and "Unable to initialize backend" in str(e))
+
+
+def _short(e: BaseException, n: int = 300) -> str:
+    msg = runlog.one_line(str(e)) if str(e).strip() else ""
+    msg = msg if len(msg) <= n else msg[:n] + "…"
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def classify(e: Exception, out: str | None = None, phase: str = "train") -> tuple[int, str]:
+    """(exit code, message) of a failure of the train command (contract/errors.py). `phase`
+    is "setup" (reading the config, the target and the data; building the backend) or
+    "train" (the loop: run directory, resume, steps, checkpoints). EXIT_BUG = not anticipated."""
+    if isinstance(e, E.VPDError):
+        return e.exit_code, str(e)
+    full = _disk_full(e)
+    if full is not None:
+        why, path = full
+        where = path or (f"into the run directory {out}" if out else "a file")
+        return E.EXIT_DISK_FULL, (f"disk full: {why} while writing {where}; free space on that file system and rerun the "
+                                  "same command (it resumes from the last complete checkpoint, which is intact)")
+    if _out_of_memory(e):
+        when = " while setting up the run" if phase == "setup" else ""
+        return E.EXIT_OUT_OF_MEMORY, (f"out of memory{when} ({_short(e, 200)}); lower batch_size / eval.batch_size / "
+                                      "the components' C, or use a machine or device with more memory")
+    if _device_problem(e):
+        return E.EXIT_DEVICE, f"{runlog.one_line(str(e))} (the devices this process sees do not match the run)"
+    if isinstance(e, ConfigError):
+        return E.EXIT_INPUT, str(e)
+    if isinstance(e, FileNotFoundError | ValueError) and phase == "train" and str(e).startswith("checkpoint "):
+        # the checkpoint loaders' own checks (until they raise CheckpointError)
+        return E.EXIT_CHECKPOINT, (f"{runlog.one_line(str(e))} (damaged or unreadable checkpoint: move it aside to "
+                                   "resume from the one before, or start afresh with --no-resume / another --out)")
+    if isinstance(e, OSError):  # a path named on the command line or in the config cannot be used
+        return E.EXIT_INPUT, str(e)
+    if isinstance(e, ValueError) and (phase == "setup" or _CONFIG_FIELD.match(str(e))):
+        return E.EXIT_INPUT, str(e)  # a refused input: the config's field, a target or data file
+    return E.EXIT_BUG, _short(e)
+
+
+def _fail(prog: str, e: Exception, out: str | None, phase: str) -> int:
+    code, msg = classify(e, out, phase)
+    if code == E.EXIT_BUG:
+        traceback.print_exception(e, file=sys.stderr)
+        msg = (f"internal error ({msg}): this is a bug; please report it with the traceback above, the command "
+               "line and the config")
+    return _error(prog, msg, code)
 
 
 def _prepare(backend: str, run, args) -> None:
@@ -75,22 +189,27 @@ def cmd_train(backend: str, args) -> int:
     from loop.train import train
 
     prog = PROGS[backend][0]
-    try:
-        run = runlog.load_run(args.config, args.steps, args.dtype)
-        _prepare(backend, run, args)
-        summary = train(make_backend(backend, run), args.out, resume=not args.no_resume,
-                        progress=not args.quiet, use_wandb=args.wandb)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        return _error(prog, str(e))
-    except KeyboardInterrupt:
-        print(f"{prog}: aborted (no checkpoint written by this interruption)", file=sys.stderr)
-        return 130
-    print_summary(summary)
-    if summary["interrupted"]:
-        print(f"interrupted by {summary['signal']} at step {summary['step']}; rerun the same command to resume",
-              file=sys.stderr)
-        return 128 + int(getattr(signal, summary["signal"]))
-    return 0
+    # a signal outside the loop's graceful window (setup, after the loop) and the loop's
+    # second signal abort at once: exit 130, no traceback (loop/signals.py)
+    with AbortOnSignal(prog):
+        phase = "setup"
+        try:
+            run = runlog.load_run(args.config, args.steps, args.dtype)
+            _prepare(backend, run, args)
+            be = make_backend(backend, run)
+            phase = "train"
+            summary = train(be, args.out, resume=not args.no_resume, progress=not args.quiet, use_wandb=args.wandb)
+        except KeyboardInterrupt:  # only where the handlers cannot be installed (not the main thread)
+            print(f"{prog}: aborted (no checkpoint written by this interruption)", file=sys.stderr)
+            return E.EXIT_ABORTED
+        except Exception as e:  # noqa: BLE001 - every failure becomes one line and its exit code (S105)
+            return _fail(prog, e, args.out, phase)
+        print_summary(summary)
+        if summary["interrupted"]:
+            print(f"interrupted by {summary['signal']} at step {summary['step']}; rerun the same command to resume",
+                  file=sys.stderr)
+            return 128 + int(getattr(signal, summary["signal"]))
+        return E.EXIT_OK
 
 
 def main(backend: str, argv: list[str] | None = None) -> int:

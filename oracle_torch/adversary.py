@@ -7,12 +7,30 @@ import torch
 
 from contract.adversary import n_channels, source_shape
 from contract.backend import NO_PROBE, Probe
+from contract.config import FreshPGDTerm, PersistentPGDTerm, SourceOptimizer
 from contract.draws import draw_name
-from contract.resolve import ReconTerm
+from contract.resolve import ReconTerm, ResolvedRun
 from oracle_torch.components import SiteMode
 from oracle_torch.context import StepContext
-from oracle_torch.losses import output_divergence
+from oracle_torch.losses import output_divergence, summed
 from oracle_torch.recon import route_from_uniforms
+
+
+def fresh_cfg(run: ResolvedRun, term: ReconTerm) -> FreshPGDTerm:
+    """The config of a fresh-PGD recon term: source 'fresh_pgd' <=> a pgd_recon* term (RECON_TERMS)."""
+    tc = run.cfg.loss_terms[term.index]
+    if not isinstance(tc, FreshPGDTerm):
+        raise TypeError(f"loss_terms.{term.index}: source {term.source!r} needs a pgd_recon* term, got {tc.type!r}")
+    return tc
+
+
+def persistent_cfg(run: ResolvedRun, term: ReconTerm) -> PersistentPGDTerm:
+    """The config of a persistent-PGD recon term: source 'persistent_pgd' <=> a
+    persistent_pgd_recon* term (RECON_TERMS)."""
+    tc = run.cfg.loss_terms[term.index]
+    if not isinstance(tc, PersistentPGDTerm):
+        raise TypeError(f"loss_terms.{term.index}: source {term.source!r} needs a persistent_pgd_recon* term, got {tc.type!r}")
+    return tc
 
 
 def expand_rows(src: torch.Tensor, batch_rows: int, scope: str) -> torch.Tensor:
@@ -50,7 +68,7 @@ def source_divergence(ctx: StepContext, live, ci: dict, srcs: dict, routes, scop
 
 
 # ------------------------------------------------------------------ fresh PGD
-def fresh_init(ctx: StepContext, tc, name: str, draws: dict, key: str) -> torch.Tensor:
+def fresh_init(ctx: StepContext, tc: FreshPGDTerm, name: str, draws: dict, key: str) -> torch.Tensor:
     """S80: random (from the draw plan) | ones | zeroes."""
     if tc.init == "random":
         return draws[key].clone()
@@ -66,15 +84,16 @@ def sign_ascent(ctx: StepContext, live, ci_det: dict, srcs: dict, routes, scope:
         leaves = {n: s.detach().requires_grad_(True) for n, s in srcs.items()}
         d, _ = source_divergence(ctx, live, ci_det, leaves, routes, scope)
         grads = torch.autograd.grad(d, list(leaves.values()))
-        srcs = {n: (leaves[n].detach() + step_size * torch.sign(g)).clamp(0.0, 1.0) for n, g in zip(leaves, grads)}
+        srcs = {n: (leaves[n].detach() + step_size * torch.sign(g)).clamp(0.0, 1.0)
+                for n, g in zip(leaves, grads, strict=True)}
     return srcs
 
 
 def fresh_pgd_term(ctx: StepContext, term: ReconTerm, ci_lower: dict, draws: dict, probe: Probe = NO_PROBE):
     """S80: per entry, fresh sources, routing drawn once and shared by every ascent and the
     final loss; the final forward uses the (stop-gradient) sources with live CI and V/U."""
-    tc = ctx.run.cfg.loss_terms[term.index]
-    total = 0.0
+    tc = fresh_cfg(ctx.run, term)
+    total: torch.Tensor | float = 0.0
     for ei, e in enumerate(term.entries):
         routes = entry_routes(term, ei, draws, probe=probe)
         srcs = {n: fresh_init(ctx, tc, n, draws, draw_name(term.index, ei, 0, f"{n}.pgd_init")) for n in e.live}
@@ -86,11 +105,11 @@ def fresh_pgd_term(ctx: StepContext, term: ReconTerm, ci_lower: dict, draws: dic
         for n, s in srcs.items():
             probe.put(f"source.{tag}.{n}", s)
         total = total + d
-    return total / len(term.entries)
+    return summed(total, f"loss_terms.{term.index}: its entries") / len(term.entries)
 
 
 # ------------------------------------------------------------------ persistent PGD
-def adam_ascent(srcs: dict, grads: dict, opt: dict, lr: float, oc) -> None:
+def adam_ascent(srcs: dict, grads: dict, opt: dict, lr: float, oc: SourceOptimizer) -> None:
     """S84: in-place ascent of a bundle, then clamp to [0, 1]. Adam with bias correction
     (`src += lr * m_hat / (sqrt(v_hat) + eps)`, eps outside the sqrt) or sign."""
     if oc.type == "sign":
@@ -117,22 +136,22 @@ def init_source_opt(srcs: dict) -> dict:
 def persistent_warmup(ctx: StepContext, term: ReconTerm, ci_det: dict, srcs: dict, opt: dict, lr: float) -> None:
     """S84 (1): n_warmup ascents on the term's recon loss, components and CI detached,
     every site live and routed everywhere. Updates `srcs` and `opt` in place."""
-    tc = ctx.run.cfg.loss_terms[term.index]
+    tc = persistent_cfg(ctx.run, term)
     for _ in range(tc.n_warmup):
         leaves = {n: s.detach().requires_grad_(True) for n, s in srcs.items()}
         d, _ = source_divergence(ctx, ctx.run.site_names, ci_det, leaves, None, tc.scope)
-        grads = dict(zip(leaves, torch.autograd.grad(d, list(leaves.values()))))
+        grads = dict(zip(leaves, torch.autograd.grad(d, list(leaves.values())), strict=True))
         adam_ascent(srcs, grads, opt, lr, tc.optimizer)
 
 
 def persistent_pgd_term(ctx: StepContext, term: ReconTerm, ci_lower: dict, srcs: dict, draws: dict,
                         probe: Probe = NO_PROBE):
     """S84 (2): the main loss with the sources as leaves (their gradient is the final ascent)."""
-    tc = ctx.run.cfg.loss_terms[term.index]
-    total = 0.0
+    tc = persistent_cfg(ctx.run, term)
+    total: torch.Tensor | float = 0.0
     for ei, e in enumerate(term.entries):
         routes = entry_routes(term, ei, draws, probe=probe)
         d, out = source_divergence(ctx, e.live, ci_lower, srcs, routes, tc.scope)
         probe.put(f"masked_out.t{term.index}.e{ei}.d0", out)
         total = total + d
-    return total / len(term.entries)
+    return summed(total, f"loss_terms.{term.index}: its entries") / len(term.entries)

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 
 from contract.backend import NO_PROBE, Probe
+from contract.checkpoint_meta import read_meta
 from contract.metrics import term_key
 from contract.resolve import ResolvedRun
 from contract.schedules import hparams
 from oracle_torch import checkpoint as ckpt
 from oracle_torch.components import DecomposedModel
-from oracle_torch.eval import eval_ci, evaluate, to_torch_batch
+from oracle_torch.eval import eval_ci, eval_metrics, evaluate, to_torch_batch
 from oracle_torch.state import TrainState, make_state, torch_dtype
 from oracle_torch.train import draws_for_step, faithfulness_warmup, forward_terms, train_step
 
@@ -81,7 +82,7 @@ class OracleBackend:
                     lv = leaves[t.bundle]
                     key = term_key(t.index, self.run.cfg.loss_terms[t.index])
                     g = torch.autograd.grad(terms[key], list(lv.values()), retain_graph=True, allow_unused=True)
-                    for n, gi in zip(lv, g):
+                    for n, gi in zip(lv, g, strict=True):
                         p.record[f"grad.sources.{t.bundle}.{n}"] = torch.zeros_like(lv[n]) if gi is None else gi
             total.backward()
             for n, v in params.items():
@@ -95,6 +96,9 @@ class OracleBackend:
     def evaluate(self, state: TrainState, step: int) -> dict:
         return evaluate(self.run, self.model(state), state.params, step, self.dtype)
 
+    def eval_metrics(self, state: TrainState, batch: np.ndarray, draws: dict) -> dict[str, float]:
+        return eval_metrics(self.run, self.model(state), state.params, self.batch(batch), self.draws(draws))
+
     def ci_lower(self, state: TrainState, batch: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():
             _, ci = eval_ci(self.run, self.model(state), state.params, self.batch(batch))
@@ -106,13 +110,22 @@ class OracleBackend:
     def export_state(self, state: TrainState) -> dict[str, np.ndarray]:
         return {n: t.numpy() for n, t in ckpt.state_tensors(state).items()}
 
+    def nonfinite_leaf(self, state: TrainState) -> str | None:
+        for n, t in ckpt.state_tensors(state).items():  # S106: the checkpoint's own tensors and names
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return n
+        return None
+
     # ------------------------------------------------------------ checkpoints
+    def list_checkpoints(self, out_dir: Path) -> list[Path]:
+        return ckpt.list_checkpoints(out_dir)
+
     def latest_checkpoint(self, out_dir: Path) -> Path | None:
         return ckpt.latest_checkpoint(out_dir)
 
     def load_checkpoint(self, path: Path) -> tuple[TrainState, dict]:
-        state = ckpt.load_checkpoint(path, self.run, self.dtype)
-        return state, dict(ckpt.read_meta(path).get("extra") or {})
+        state = ckpt.load_checkpoint(path, self.run, self.dtype)  # verifies the digest first
+        return state, dict(read_meta(path).get("extra") or {})
 
     def save_checkpoint(self, out_dir: Path, state: TrainState, step: int, extra: dict) -> Path:
         return ckpt.save_checkpoint(out_dir, state, self.run, step, self.run.cfg.checkpoint.keep, self.dtype, extra)

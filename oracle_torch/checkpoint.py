@@ -13,16 +13,22 @@ Layout: `out_dir/checkpoints/step_{step:08d}/` holds
   sha256 of the target weights, library versions, date, and `extra` (training-state
   notes such as the faithfulness-warmup losses); built and checked by
   contract/checkpoint_meta.py, shared with the JAX trainer.
+- `digest.json`: size and sha256 of the two files above, written last (the commit marker;
+  contract/checkpoint_digest.py, shared with the JAX trainer).
 
-A save is atomic: everything is written into a hidden temp dir beside the final one,
-fsynced, then renamed into place; a crash mid-save leaves the previous checkpoints intact
-and no half-written `step_*` dir. Only the last `keep` checkpoints are kept.
-Resuming under a different config (or dtype, or target weights) is refused with a diff.
+A save is atomic: state, meta and digest are written into a hidden temp dir beside the
+final one, fsynced, then renamed into place (the rename is the commit); a crash mid-save
+leaves the previous checkpoints intact and no half-written `step_*` dir. Only the last
+`keep` checkpoints are kept (damaged ones count, and rotate out like any other).
+A load verifies the digest before reading a tensor: a missing, truncated or altered file
+raises `CheckpointError` naming the file and the step (S107). A checkpoint written before
+digests existed (no digest.json, no `digest_file` in its meta.json) loads unverified, with
+a one-line warning. Resuming under a different config (or dtype, or target weights) is
+refused with a diff.
 """
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -31,7 +37,7 @@ import safetensors
 import safetensors.torch as st
 import torch
 
-from contract import checkpoint_meta as cm
+from contract import checkpoint_digest as cd, checkpoint_meta as cm
 from contract.checkpoint_meta import META_FILE, read_meta, target_sha256  # noqa: F401  (public names)
 from contract.init import init_state
 from contract.resolve import ResolvedRun
@@ -40,7 +46,8 @@ from oracle_torch.state import TrainState, make_state
 CKPT_SUBDIR = "checkpoints"
 FORMAT = "vpd-torch-oracle-checkpoint/1"
 STATE_FILE = "state.safetensors"
-_STEP_RE = re.compile(r"^step_(\d{8})$")
+LEGACY_FILES = (STATE_FILE,)  # what a checkpoint written before digests must hold (besides meta.json)
+_STEP_RE = cd.STEP_RE
 GROUPS = ("components", "ci_fn")
 
 
@@ -88,12 +95,7 @@ def _versions() -> dict:
     return cm.base_versions() | {"torch": torch.__version__, "safetensors": safetensors.__version__}
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory and hasattr(os, "O_DIRECTORY") else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_path = cd.fsync_path
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -105,21 +107,22 @@ def clear_checkpoints(out_dir: str | Path) -> None:
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run dir, oldest first (temp / half dirs are ignored)."""
-    root = checkpoint_root(out_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file() and (p / META_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    """The checkpoint dirs (`step_XXXXXXXX`) of a run dir, oldest first, complete or not
+    (temp dirs of interrupted saves are ignored): `load_checkpoint` verifies one."""
+    return cd.step_dirs(checkpoint_root(out_dir))
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    cks = list_checkpoints(out_dir)
+    """The newest complete checkpoint (its digest.json present, or one written before
+    digests); not verified (`load_checkpoint` does that)."""
+    cks = [p for p in list_checkpoints(out_dir) if cd.is_complete(p, LEGACY_FILES)]
     return cks[-1] if cks else None
+
+
+def verify_checkpoint(path: str | Path) -> bool:
+    """Check the checkpoint dir `path` against its digest (CheckpointError naming the file
+    otherwise); False for a checkpoint written before digests (loaded unverified)."""
+    return cd.verify_checkpoint(path, LEGACY_FILES)
 
 
 def _clean_stale(root: Path) -> None:
@@ -159,7 +162,7 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, run: ResolvedRun, st
         (tmp / META_FILE).write_text(cm.meta_json(meta))
         for f in (STATE_FILE, META_FILE):
             _fsync_path(tmp / f)
-        _fsync_path(tmp, directory=True)
+        cd.write_digest(tmp, step)  # last: fsyncs itself and the dir
         if final.exists():  # same step written again (e.g. a fresh run over an old dir)
             old = root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
@@ -171,7 +174,7 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, run: ResolvedRun, st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for p in list_checkpoints(out_dir)[:-keep]:
+    for p in list_checkpoints(out_dir)[:-keep]:  # damaged or incomplete dirs rotate out like the others
         if p != final:
             shutil.rmtree(p, ignore_errors=True)
     return final
@@ -184,12 +187,17 @@ def check_compatible(meta: dict, run: ResolvedRun, dtype: torch.dtype, path: Pat
 
 def load_checkpoint(path: str | Path, run: ResolvedRun, dtype: torch.dtype) -> TrainState:
     """Restore params, both AdamW states (moments and step counters), the persistent-PGD
-    sources and their ascent state, and state.step exactly."""
+    sources and their ascent state, and state.step exactly. The files are verified against
+    the digest first (CheckpointError naming the file and the step)."""
     path = Path(path)
+    verify_checkpoint(path)
     meta = read_meta(path)
     cm.check_format(meta, FORMAT, path)
     check_compatible(meta, run, dtype, path)
-    tensors = st.load_file(str(path / STATE_FILE))
+    try:
+        tensors = st.load_file(str(path / STATE_FILE))
+    except (safetensors.SafetensorError, OSError, ValueError) as e:  # reachable for an unverified (legacy) one
+        raise cd.unreadable(path, STATE_FILE, e) from e
     expected = init_state(run)  # canonical names, order and shapes
     names = list(expected)
     have = {n for n in tensors if not n.startswith("opt.") and n != "step"}

@@ -25,8 +25,14 @@ class SiteMode:
 
 
 class SiteModule(nn.Module):
+    frozen: nn.Linear | nn.Embedding
+
     def __init__(self, site: Site, frozen: nn.Module, params: dict):
         super().__init__()
+        want = nn.Embedding if site.kind == "embedding" else nn.Linear
+        if not isinstance(frozen, want):
+            raise TypeError(f"site {site.name!r} of kind {site.kind!r} needs an nn.{want.__name__}, "
+                            f"the target has an {type(frozen).__name__}")
         self.site = site
         self.frozen = frozen  # the original nn.Linear / nn.Embedding (requires_grad False)
         self.params = params
@@ -39,9 +45,10 @@ class SiteModule(nn.Module):
         return w if self.site.kind == "embedding" else w.T
 
     def frozen_forward(self, x):
-        if self.site.kind == "embedding":
-            return F.embedding(x, self.frozen.weight)
-        return F.linear(x, self.frozen.weight, self.frozen.bias)
+        f = self.frozen
+        if isinstance(f, nn.Embedding):  # <=> site.kind == "embedding" (checked in __init__)
+            return F.embedding(x, f.weight)
+        return F.linear(x, f.weight, f.bias)
 
     def forward(self, x):
         if self.capture is not None:
@@ -57,7 +64,7 @@ class SiteModule(nn.Module):
             delta = self.W() - V @ U
             xd = F.embedding(x, delta) if self.site.kind == "embedding" else x @ delta
             y = y + m.delta_mask[..., None] * xd
-        if self.site.kind == "linear" and self.frozen.bias is not None:
+        if isinstance(self.frozen, nn.Linear) and self.frozen.bias is not None:  # <=> site.kind == "linear"
             y = y + self.frozen.bias
         if m.route is None:
             return y

@@ -60,7 +60,12 @@ def eval_draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...]) -> list[DrawS
 
 def eval_batch_shape(run: ResolvedRun) -> tuple[int, ...]:
     B = run.cfg.eval.batch_size
-    return (B, run.cfg.data.seq_len) if run.cfg.target.kind == "llama" else (B,)
+    if run.cfg.target.kind != "llama":
+        return (B,)
+    T = run.cfg.data.seq_len
+    if T is None:
+        raise ValueError("data.seq_len: required for the llama target")
+    return (B, T)
 
 
 def eval_seed(seed: int, step: int, j: int) -> int:

@@ -8,28 +8,37 @@ from contract.resolve import ResolvedRun
 from oracle_torch.components import DecomposedModel
 
 
+def summed(total: torch.Tensor | float, what: str) -> torch.Tensor:
+    """The result of a `0.0 + t_1 + ... + t_n` accumulation of tensors, unchanged: a float
+    means nothing was added (n = 0), which no resolved run produces."""
+    if not isinstance(total, torch.Tensor):
+        raise ValueError(f"{what}: nothing to sum (no tensor was accumulated)")
+    return total
+
+
 def faithfulness(run: ResolvedRun, model: DecomposedModel, params: dict) -> torch.Tensor:
     """S21: sum_s ||W_s - V_s U_s||_F^2 / sum_s numel(W_s), from live V/U."""
-    total, numel = 0.0, 0
+    total: torch.Tensor | float = 0.0
+    numel = 0
     for s in run.sites:
         V, U = params[f"components.{s.name}.V"], params[f"components.{s.name}.U"]
         d = model.weight(s.name) - V @ U
         total = total + (d * d).sum()
         numel += d.numel()
-    return total / numel
+    return summed(total, "faithfulness: run.sites") / numel
 
 
 def importance_minimality(run: ResolvedRun, ci_upper: dict, p: float, beta: float, eps: float) -> torch.Tensor:
     """S22: per site s and component c, S_sc = sum over ALL positions of the global batch
     of (ci_upper + eps)^p; term = sum_s sum_c [S/N + beta (S/N) log2(1 + S)]. The log is
     taken of the global sum (never per shard), sites are never merged."""
-    total = 0.0
+    total: torch.Tensor | float = 0.0
     for s in run.sites:
         u = ci_upper[s.name]
         S = ((u + eps) ** p).reshape(-1, s.C).sum(0)
         N = u.numel() // s.C
         total = total + (S / N + beta * (S / N) * torch.log2(1 + S)).sum()
-    return total
+    return summed(total, "importance_minimality: run.sites")
 
 
 def output_divergence(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

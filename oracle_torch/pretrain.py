@@ -13,6 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +25,16 @@ from contract.targets import WEIGHTS_DIR
 from oracle_torch.targets import build_target, target_forward
 
 # ---------------------------------------------------------------- recipes
-TMS_SPECS = {
+# one recipe: {"config": the target's hyper-parameters, then the training settings}
+Spec = dict[str, Any]
+
+TMS_SPECS: dict[str, Spec] = {
     "tms_5-2": dict(config=dict(n_features=5, n_hidden=2, feature_probability=0.05),
                     steps=5000, lr=1e-2, batch=1024, seed=0),
     "tms_40-10": dict(config=dict(n_features=40, n_hidden=10, feature_probability=0.05),
                       steps=5000, lr=1e-2, batch=1024, seed=0),
 }
-RESID_SPECS = {
+RESID_SPECS: dict[str, Spec] = {
     "resid_mlp1": dict(config=dict(n_features=100, d_embed=1000, d_mlp=50, n_layers=1,
                                    feature_probability=0.01, embed_seed=0),
                        steps=2500, lr=3e-3, batch=256, seed=0),
@@ -38,7 +42,7 @@ RESID_SPECS = {
                                    feature_probability=0.01, embed_seed=0),
                        steps=2500, lr=3e-3, batch=256, seed=0),
 }
-LLAMA_SPEC = dict(
+LLAMA_SPEC: Spec = dict(
     config=dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=24, intermediate_size=172,
                 max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,

@@ -11,7 +11,7 @@ from contract.draws import draw_name
 from contract.resolve import ReconTerm, ResolvedRun
 from oracle_torch.components import SiteMode
 from oracle_torch.context import StepContext
-from oracle_torch.losses import output_divergence
+from oracle_torch.losses import output_divergence, summed
 
 
 def route_from_uniforms(route_k: torch.Tensor, route_order: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,8 @@ def routes_of(modes: dict, live):
 def recon_term(ctx: StepContext, term: ReconTerm, ci_lower: dict, draws: dict,
                probe: Probe = NO_PROBE) -> torch.Tensor:
     """S28: the mean output divergence over every forward of every entry of one mask-source term."""
-    total, n = 0.0, 0
+    total: torch.Tensor | float = 0.0
+    n = 0
     for ei, e in enumerate(term.entries):
         for d in range(e.n_draws):
             modes = site_modes(ctx.run, term, ei, d, ci_lower, draws, probe=probe)
@@ -81,4 +82,4 @@ def recon_term(ctx: StepContext, term: ReconTerm, ci_lower: dict, draws: dict,
                     probe.put(f"mask.{tag}.{name}", m.mask)
             total = total + output_divergence(ctx.run.cfg.output_loss, out, ctx.clean)
             n += 1
-    return total / n
+    return summed(total, f"loss_terms.{term.index}: the forwards of its entries") / n

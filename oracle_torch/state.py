@@ -48,7 +48,7 @@ def make_params(arrays: dict[str, np.ndarray], dtype) -> dict[str, torch.nn.Para
 
 def _adamw(params: list, oc: OptimizerConfig) -> torch.optim.AdamW:
     # lr is set from the schedule every step; foreach=False keeps the per-tensor reference math
-    return torch.optim.AdamW(params, lr=0.0, betas=tuple(oc.betas), eps=oc.eps,
+    return torch.optim.AdamW(params, lr=0.0, betas=oc.betas, eps=oc.eps,
                              weight_decay=oc.weight_decay, foreach=False)
 
 

@@ -21,7 +21,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from contract.targets import EMBEDS_VS_EMBED_SITE, load_target_meta, resolve_path, rope_theta
+from contract.targets import (
+    EMBEDS_VS_EMBED_SITE,
+    check_weight_file,
+    load_target_meta,
+    resolve_path,
+    rope_theta,
+    tied_lm_head,
+)
 
 ATTN_IMPL = "vpd_eager"  # eager attention with the softmax in promote(dtype, float32)
 
@@ -58,6 +65,8 @@ class ResidMLP(nn.Module):
     `W_E` [n_features, d_embed] is a fixed buffer of random unit-norm rows (not trained);
     it is stored in the weight file. At build time it is drawn from its own generator
     seeded by `embed_seed` so building never touches the global torch RNG for it."""
+
+    W_E: torch.Tensor  # a buffer (register_buffer below)
 
     def __init__(self, n_features: int, d_embed: int, d_mlp: int, n_layers: int, embed_seed: int = 0):
         super().__init__()
@@ -147,8 +156,9 @@ def _build_llama(cfg: dict) -> nn.Module:
         if isinstance(m, LlamaRMSNorm):
             m.forward = types.MethodType(_rmsnorm_forward, m)
         elif isinstance(m, LlamaRotaryEmbedding):
-            m._vpd_base = theta
-            m._vpd_dim = int(head_dim)
+            # nn.Module.__setattr__ is annotated Tensor | Module, but a plain value is stored as an attribute
+            m._vpd_base = theta  # pyright: ignore[reportArgumentType]
+            m._vpd_dim = int(head_dim)  # pyright: ignore[reportArgumentType]
             m.forward = types.MethodType(_rotary_forward, m)
     return model
 
@@ -172,20 +182,12 @@ def load_target(weights_path: str | Path, dtype: torch.dtype = torch.float32) ->
     Does not advance the global torch RNG."""
     path = resolve_path(weights_path)
     meta = load_target_meta(path)
+    check_weight_file(path, meta["kind"], meta["config"])  # names, shapes, dtypes, finiteness (S96, shared with JAX)
     with torch.random.fork_rng(devices=[]):
         model = build_target(meta["kind"], meta["config"])
     tensors = load_file(str(path))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"target.weights: {path} does not match a {meta['kind']!r} target built from {path.with_suffix('.json').name}: "
-            f"missing keys {missing}, unexpected keys {unexpected}")
-    bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-           for k, v in expected.items() if tuple(tensors[k].shape) != tuple(v.shape)]
-    if bad:
-        raise ValueError(f"target.weights: {path} has tensors of the wrong shape: " + "; ".join(bad))
+    if tied_lm_head(meta["kind"], meta["config"]) and "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # save_pretrained drops the tied copy
     # cast the module first, then load: a float64 file must not pass through float32
     model = model.to(dtype)
     model.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, strict=True)
@@ -204,8 +206,9 @@ def target_forward(model: nn.Module, kind: str, batch: torch.Tensor) -> torch.Te
         if batch.is_floating_point():
             if not isinstance(model.get_submodule("model.embed_tokens"), nn.Embedding):
                 raise ValueError(EMBEDS_VS_EMBED_SITE)
-            if batch.dtype != model.model.norm.weight.dtype:
-                raise TypeError(f"llama input embeddings are {batch.dtype}, the model is {model.model.norm.weight.dtype}")
+            model_dtype = model.get_parameter("model.norm.weight").dtype
+            if batch.dtype != model_dtype:
+                raise TypeError(f"llama input embeddings are {batch.dtype}, the model is {model_dtype}")
             return model(inputs_embeds=batch, use_cache=False).logits
         return model(input_ids=batch.long(), use_cache=False).logits
     if kind in ("tms", "resid_mlp"):

@@ -10,16 +10,16 @@ import math
 
 import torch
 
-from contract.backend import NO_PROBE, Probe
+from contract.backend import NO_PROBE, Probe, nonfinite_metrics
 from contract.draws import DrawSpec, draw_plan
 from contract.metrics import term_key
 from contract.resolve import ResolvedRun
 from contract.schedules import hparams
-from oracle_torch.adversary import adam_ascent, fresh_pgd_term, persistent_pgd_term, persistent_warmup
+from oracle_torch.adversary import adam_ascent, fresh_pgd_term, persistent_cfg, persistent_pgd_term, persistent_warmup
 from oracle_torch.ci_fn import ci_logits
 from oracle_torch.components import DecomposedModel, inner_act
 from oracle_torch.context import StepContext
-from oracle_torch.losses import faithfulness, importance_minimality
+from oracle_torch.losses import faithfulness, importance_minimality, summed
 from oracle_torch.recon import recon_term
 from oracle_torch.sigmoids import ci_pair
 from oracle_torch.state import TrainState
@@ -85,7 +85,8 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, params: dict, batch,
         probe.put(f"ci_upper.{s.name}", ci_upper[s.name])
     ctx = StepContext(run=run, model=model, batch=batch, clean=clean)
     recon = {t.index: t for t in run.recon_terms}
-    terms, total = {}, 0.0
+    terms: dict[str, torch.Tensor] = {}
+    total: torch.Tensor | float = 0.0
     for i, t in enumerate(cfg.loss_terms):
         if t.type == "faithfulness":
             v = faithfulness(run, model, params)
@@ -94,11 +95,15 @@ def forward_terms(run: ResolvedRun, model: DecomposedModel, params: dict, batch,
         elif recon[i].source == "fresh_pgd":
             v = fresh_pgd_term(ctx, recon[i], ci_lower, draws, probe=probe)
         elif recon[i].source == "persistent_pgd":
+            if sources is None:
+                raise ValueError(f"forward_terms: loss_terms.{i} is a persistent PGD term and needs `sources` "
+                                 "(the persistent-PGD sources by bundle); none were given")
             v = persistent_pgd_term(ctx, recon[i], ci_lower, sources[recon[i].bundle], draws, probe=probe)
         else:
             v = recon_term(ctx, recon[i], ci_lower, draws, probe=probe)
         terms[term_key(i, t)] = v
         total = total + t.coeff * v
+    total = summed(total, "loss_terms")
     for k, v in terms.items():
         probe.put(f"term.{k}", v)
     probe.put("term.total", total)
@@ -121,7 +126,7 @@ def clean_and_ci(run: ResolvedRun, model: DecomposedModel, params: dict, batch, 
 
 def adversary_warmup(run: ResolvedRun, model: DecomposedModel, state: TrainState, batch, draws: dict, hp: dict):
     """S84 (1): each persistent term's n_warmup detached ascents, before the main loss."""
-    terms = [t for t in run.recon_terms if t.source == "persistent_pgd" and run.cfg.loss_terms[t.index].n_warmup]
+    terms = [t for t in run.recon_terms if t.source == "persistent_pgd" and persistent_cfg(run, t).n_warmup]
     if not terms:
         return
     with torch.no_grad():
@@ -146,6 +151,10 @@ def train_step(run: ResolvedRun, model: DecomposedModel, state: TrainState, batc
     hp = hparams(cfg, state.step)
     for p in state.params.values():
         p.grad = None
+    skip = cfg.guard.nonfinite == "skip"
+    if skip:  # S106: the pre-step sources (the warmup replaces their tensors, never writes into them)
+        kept_sources = {b: dict(s) for b, s in state.sources.items()}
+        kept_opt = {b: {"m": dict(o["m"]), "v": dict(o["v"]), "t": o["t"]} for b, o in state.source_opt.items()}
     adversary_warmup(run, model, state, batch, draws, hp)
     leaves = {b: {n: s.detach().requires_grad_(True) for n, s in srcs.items()} for b, srcs in state.sources.items()}
     total, terms, ci_lower = forward_terms(run, model, state.params, batch, draws, hp, leaves, probe)
@@ -156,7 +165,7 @@ def train_step(run: ResolvedRun, model: DecomposedModel, state: TrainState, batc
         if t.source == "persistent_pgd":
             lv = leaves[t.bundle]
             g = torch.autograd.grad(terms[term_key(t.index, cfg.loss_terms[t.index])], list(lv.values()), retain_graph=True)
-            src_grads[t.bundle] = dict(zip(lv, g))
+            src_grads[t.bundle] = dict(zip(lv, g, strict=True))
     total.backward()
     metrics = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
     metrics["loss/total"] = float(total.detach())
@@ -168,20 +177,27 @@ def train_step(run: ResolvedRun, model: DecomposedModel, state: TrainState, batc
     comp, ci = state.group("components."), state.group("ci_fn.")
     metrics["grad_norm/components"] = clip_grad_norm([state.params[n] for n in comp], cfg.optim.components.clip)
     metrics["grad_norm/ci_fn"] = clip_grad_norm([state.params[n] for n in ci], cfg.optim.ci_fn.clip)
-    for grp in state.opt_components.param_groups:
-        grp["lr"] = hp["lr_components"]
-    for grp in state.opt_ci_fn.param_groups:
-        grp["lr"] = hp["lr_ci_fn"]
-    state.opt_components.step()
-    state.opt_ci_fn.step()
+    # S106: under `guard.nonfinite: skip` a step with a non-finite loss or gradient norm
+    # updates nothing (parameters, optimizers, sources and their ascent state stay as they were)
+    apply = not skip or step_finite(metrics, src_grads)
+    if apply:
+        for grp in state.opt_components.param_groups:
+            grp["lr"] = hp["lr_components"]
+        for grp in state.opt_ci_fn.param_groups:
+            grp["lr"] = hp["lr_ci_fn"]
+        state.opt_components.step()
+        state.opt_ci_fn.step()
     for t in run.recon_terms:
         if t.source == "persistent_pgd":
             if record is not None:
                 for n, g in src_grads[t.bundle].items():
                     record[f"grad.sources.{t.bundle}.{n}"] = g.detach().clone()
-            state.sources[t.bundle] = {n: s.detach() for n, s in leaves[t.bundle].items()}
-            adam_ascent(state.sources[t.bundle], src_grads[t.bundle], state.source_opt[t.bundle],
-                        hp[f"lr_sources.{t.bundle}"], cfg.loss_terms[t.index].optimizer)
+            if apply:
+                state.sources[t.bundle] = {n: s.detach() for n, s in leaves[t.bundle].items()}
+                adam_ascent(state.sources[t.bundle], src_grads[t.bundle], state.source_opt[t.bundle],
+                            hp[f"lr_sources.{t.bundle}"], persistent_cfg(run, t).optimizer)
+            else:
+                state.sources[t.bundle], state.source_opt[t.bundle] = kept_sources[t.bundle], kept_opt[t.bundle]
             for n, g in src_grads[t.bundle].items():
                 metrics[f"grad_norm/sources.{t.bundle}.{n}"] = float(torch.linalg.vector_norm(g))
             metrics[f"param_norm/sources.{t.bundle}"] = math.sqrt(sum(float((v ** 2).sum()) for v in state.sources[t.bundle].values()))
@@ -192,6 +208,14 @@ def train_step(run: ResolvedRun, model: DecomposedModel, state: TrainState, batc
     metrics |= {f"sched/{k}": v for k, v in hp.items()}
     state.step += 1
     return metrics
+
+
+def step_finite(metrics: dict[str, float], src_grads: dict) -> bool:
+    """S106: every loss and gradient norm of the step so far is finite, the persistent
+    sources' gradient norms (reported after the update) included."""
+    src = {f"grad_norm/sources.{b}.{n}": float(torch.linalg.vector_norm(g))
+           for b, gs in src_grads.items() for n, g in gs.items()}
+    return not nonfinite_metrics(metrics | src)
 
 
 def draws_for_step(run: ResolvedRun, step: int, dtype, batch_shape=None) -> dict[str, torch.Tensor]:

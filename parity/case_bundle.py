@@ -174,7 +174,7 @@ def make_from_config(config: str | Path, out: str | Path, batch_step: int = 0, e
     warmup), draws of step 0 only if `with_draws` (else sampled when the bundle is read)."""
     from safetensors.numpy import load_file
 
-    from contract.config import load_config
+    from contract.config_file import load_config
     from contract.data import batch_for_step
     from contract.init import init_state
     from contract.targets import load_target_meta, resolve_path

@@ -12,6 +12,7 @@ Three JAX compiles (ids, embeds, pinned) dominate the runtime; results are cache
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,9 +37,9 @@ pytestmark = pytest.mark.xdist_group("case_bundle")
 
 REL = 1e-10  # parity/tolerances.py: ("float64", "term") and ("float64", "grad")
 
-TCFG = dict(model_type="llama", vocab_size=50, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
-            num_attention_heads=2, head_dim=12, num_key_value_heads=1, tie_word_embeddings=False,
-            rope_theta=5000.0, rms_norm_eps=1e-5, max_position_embeddings=64)
+TCFG: dict[str, Any] = dict(model_type="llama", vocab_size=50, hidden_size=40, intermediate_size=56,
+                            num_hidden_layers=2, num_attention_heads=2, head_dim=12, num_key_value_heads=1,
+                            tie_word_embeddings=False, rope_theta=5000.0, rms_norm_eps=1e-5, max_position_embeddings=64)
 SITES = [{"pattern": "model.layers.0.mlp.down_proj", "C": 4},
          {"pattern": "model.layers.1.self_attn.v_proj", "C": 3},
          {"pattern": "lm_head", "C": 5}]

@@ -276,11 +276,13 @@ def test_lock_problem_names_changed_oracle_file(tmp_path, monkeypatch):
     msg = L.lock_problem()
     assert msg is not None and "changed files: oracle_torch/sigmoids.py." in msg and "--update-lock" in msg
     (root / "oracle_torch" / "extra.py").write_text("x = 1\n")
-    assert "changed files: oracle_torch/extra.py, oracle_torch/sigmoids.py." in L.lock_problem()
+    msg = L.lock_problem()
+    assert msg is not None and "changed files: oracle_torch/extra.py, oracle_torch/sigmoids.py." in msg
     L.write_lock("tooling test", "2000-01-01")
     assert L.lock_problem() is None
     (root / "goldens" / "oracle.lock").unlink()
-    assert "is missing" in L.lock_problem()
+    msg = L.lock_problem()
+    assert msg is not None and "is missing" in msg
 
 
 # ------------------------------------------------------------------ stage bundles

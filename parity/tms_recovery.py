@@ -146,7 +146,7 @@ def ci_function(checkpoint: str | Path, backend: str | None = None) -> tuple[Res
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m parity.tms_recovery", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m parity.tms_recovery", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--backend", choices=BACKEND_NAMES,
                     help="backend to load the checkpoint with (default: the one that wrote it)")
     ap.add_argument("--checkpoint", required=True, help="checkpoint dir (RUN/checkpoints/step_X) or a run dir")
@@ -156,13 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     ck = Path(args.checkpoint)
     if not (ck / "meta.json").is_file() and (ck / "checkpoints").is_dir():
-        steps = sorted(p for p in (ck / "checkpoints").iterdir() if p.name.startswith("step_"))
-        if steps:
-            ck = steps[-1]
+        from contract.checkpoint_digest import verify_checkpoint
+        from contract.errors import CheckpointError
+        # the newest checkpoint whose digest verifies (S107); damaged ones are named and skipped
+        for step_dir in sorted((p for p in (ck / "checkpoints").iterdir() if p.name.startswith("step_")), reverse=True):
+            try:
+                verify_checkpoint(step_dir, legacy_files=())
+            except CheckpointError as e:
+                print(f"tms_recovery: warning: {e}; trying an older one", file=sys.stderr)
+                continue
+            ck = step_dir
+            break
     if not (ck / "meta.json").is_file():
         print(f"tms_recovery: error: {args.checkpoint} is not a checkpoint directory (no meta.json)", file=sys.stderr)
         return 2
     from contract.config import ConfigError
+    from contract.errors import VPDError
 
     try:
         run, _ = run_of_checkpoint(ck)
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tms_recovery: error: {ck} decomposes a {run.cfg.target.kind!r} target, not tms", file=sys.stderr)
             return 2
         run, ci_of_inputs, backend = ci_function(ck, args.backend)
-    except (ConfigError, FileNotFoundError, ValueError) as e:  # e.g. a JAX checkpoint read with --backend torch
+    except (ConfigError, VPDError, FileNotFoundError, ValueError) as e:  # e.g. a JAX checkpoint read with --backend torch
         print(f"tms_recovery: error: {e}", file=sys.stderr)
         return 2
     n_features = run.target_meta["config"]["n_features"]

@@ -33,7 +33,8 @@ DEFAULT_CONFIGS = ("tms_5-2", "resid_mlp1", "tiny_llama")
 
 
 def load(name: str, steps: int):
-    from contract.config import load_config, parse_config
+    from contract.config import parse_config
+    from contract.config_file import load_config
     from contract.resolve import resolve_run
 
     d = load_config(REPO / "configs" / f"{name}.yaml").to_dict()
@@ -96,7 +97,7 @@ def bench(run, batches: list, warmup: int, rounds: int, steps: int, threads: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="scripts/benchmark.py", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="timed steps per round, backend and config")
     ap.add_argument("--rounds", type=int, default=3, help="alternating (JAX, oracle) timing rounds")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compile) step")

@@ -59,13 +59,13 @@ def step_hlo(dump_dir: str, traced: set[str]) -> str:
     return best
 
 
-def op_times(trace_dir: str) -> dict[str, float]:
+def op_times(trace_dir: str) -> collections.Counter[str]:
     """Summed duration (µs) per trace event name of the newest perfetto trace in trace_dir."""
     files = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
     if not files:
         raise SystemExit(f"profile_step: jax.profiler wrote no perfetto trace under {trace_dir}")
     events = json.load(gzip.open(files[-1]))["traceEvents"]
-    agg: dict[str, float] = collections.Counter()
+    agg: collections.Counter[str] = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and not e["name"].startswith(_RUNTIME_EVENTS):
             agg[e["name"]] += e.get("dur", 0)
@@ -73,7 +73,7 @@ def op_times(trace_dir: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="scripts/profile_step.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="scripts/profile_step.py", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("config", nargs="?", default="tiny_llama", help="config name under configs/")
     ap.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warm-up steps)")
     ap.add_argument("--top", type=int, default=15, help="rows per table")
@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 
     n = args.steps
     per_step = {k: v / n / 1e3 for k, v in agg.items()}  # ms per step
-    by_kind: dict[str, float] = collections.Counter()
-    count: dict[str, int] = collections.Counter()
-    by_shape: dict[tuple, float] = collections.Counter()
+    by_kind: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    by_shape: collections.Counter[tuple[str, str]] = collections.Counter()
     for name, ms in per_step.items():
         kind = re.sub(r"\.\d+$", "", name)
         by_kind[kind] += ms

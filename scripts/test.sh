@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Set up the environment and run the whole test suite (unit tests + the parity gate).
-# This is the README's test command and what CI (.ci/run) calls.
+# Set up the environment, lint and type-check the tree, and run the whole test suite (unit
+# tests + the parity gate). This is the README's test command and what CI (.ci/run) calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/lint.sh
 export WANDB_MODE=disabled
 set +e
 .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"

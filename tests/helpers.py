@@ -123,6 +123,9 @@ class HookedBackend:
     def evaluate(self, state, step):
         return self._backend.evaluate(state, step)
 
+    def eval_metrics(self, state, batch, draws):
+        return self._backend.eval_metrics(state, batch, draws)
+
     def ci_lower(self, state, batch):
         return self._backend.ci_lower(state, batch)
 
@@ -131,6 +134,12 @@ class HookedBackend:
 
     def export_state(self, state):
         return self._backend.export_state(state)
+
+    def nonfinite_leaf(self, state):
+        return self._backend.nonfinite_leaf(state)
+
+    def list_checkpoints(self, out_dir):
+        return self._backend.list_checkpoints(out_dir)
 
     def latest_checkpoint(self, out_dir):
         return self._backend.latest_checkpoint(out_dir)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pytest
 
 from contract.config import parse_config
-from contract.draws import draw_plan, sample_numpy
 from contract.data import batch_for_step
+from contract.draws import draw_plan, sample_numpy
 from contract.init import init_state
 from contract.resolve import resolve_run
 from tests.helpers import shipped_config
@@ -34,6 +33,7 @@ PGD = {"type": "pgd_recon", "coeff": 1.0, "init": "random", "scope": "bsc", "n_s
 # ------------------------------------------------------------------ torch
 def _torch_setup(run):
     import torch
+
     from oracle_torch.components import DecomposedModel
     from oracle_torch.state import make_state
     from oracle_torch.train import clean_and_ci, faithfulness_warmup
@@ -69,6 +69,7 @@ def test_torch_sign_ascent_increases_loss_and_stays_in_bounds():
 def test_torch_nsc_rows_are_b_mod_n():
     # guards S83
     import torch
+
     from oracle_torch.adversary import expand_rows
     src = torch.arange(3.0)[:, None] * torch.ones(3, 2)
     rows = expand_rows(src, 7, "nsc")
@@ -84,9 +85,10 @@ def test_torch_final_ascent_uses_pre_update_parameters():
     # guards S84 (3): the recorded source gradient equals d(term)/d(src) at the PRE-update
     # params and differs from the one at the post-update params
     import torch
+
+    from contract.backend import Probe
     from oracle_torch.adversary import persistent_pgd_term
     from oracle_torch.context import StepContext
-    from contract.backend import Probe
     from oracle_torch.train import clean_and_ci, train_step
     run = tms_run([PPGD], optim={"components": {"lr": {"start": 0.05}}, "ci_fn": {"lr": {"start": 0.05}}})
     state, model, batch, draws, _, _ = _torch_setup(run)
@@ -97,7 +99,7 @@ def test_torch_final_ascent_uses_pre_update_parameters():
             clean, _, _, ci, _ = clean_and_ci(run, model, state.params, batch, draws)
         leaves = {n: s.detach().clone().requires_grad_(True) for n, s in state.sources[t.bundle].items()}
         v = persistent_pgd_term(StepContext(run=run, model=model, batch=batch, clean=clean), t, ci, leaves, draws)
-        return dict(zip(leaves, torch.autograd.grad(v, list(leaves.values()))))
+        return dict(zip(leaves, torch.autograd.grad(v, list(leaves.values())), strict=True))
 
     # the step's warmup ascent runs first; replay it on a copy to know the leaves' values
     rec: dict = {}
@@ -129,6 +131,7 @@ def test_torch_final_ascent_uses_pre_update_parameters():
 # ------------------------------------------------------------------ JAX
 def _jax_setup(run):
     import jax.numpy as jnp
+
     from jax_impl.components import DecomposedModel
     from jax_impl.state import make_state
     from jax_impl.train import clean_and_ci, faithfulness_warmup
@@ -144,6 +147,7 @@ def _jax_setup(run):
 def test_jax_scan_ascent_equals_python_loop_and_increases_loss():
     # guards S80: the lax.scan ascent is the plain loop; the loss rises; sources stay in [0,1]
     import jax
+
     from jax_impl.adversary import sign_ascent, source_divergence
     from jax_impl.context import StepContext
     run = tms_run([PGD])
@@ -166,6 +170,7 @@ def sign_ascent_python(ctx, params, live, ci_det, srcs, routes, scope, step_size
     (the reference for its lax.scan)."""
     import jax
     import jax.numpy as jnp
+
     from jax_impl.adversary import source_divergence
     params = jax.lax.stop_gradient(params)
     for _ in range(n_steps):
@@ -177,6 +182,7 @@ def sign_ascent_python(ctx, params, live, ci_det, srcs, routes, scope, step_size
 def test_jax_nsc_rows_are_b_mod_n():
     # guards S83
     import jax.numpy as jnp
+
     from jax_impl.adversary import expand_rows
     src = jnp.arange(3.0)[:, None] * jnp.ones((3, 2))
     assert np.asarray(expand_rows(src, 7, "nsc"))[:, 0].tolist() == [b % 3 for b in range(7)]
@@ -185,6 +191,7 @@ def test_jax_nsc_rows_are_b_mod_n():
 def test_jax_persistent_sources_stay_in_bounds_over_steps():
     # guards S84 (4): every ascent ends with a clamp, even with a huge source lr
     import jax.numpy as jnp
+
     from jax_impl.train import Stepper
     big = dict(PPGD, optimizer={"type": "sign", "lr": {"start": 5.0}}, scope="bsc")
     run = tms_run([big])
@@ -201,6 +208,7 @@ def test_jax_persistent_sources_stay_in_bounds_over_steps():
 def test_torch_eval_pgd_probe_is_adversarial():
     # guards S88: the probe's loss exceeds the loss at its initial sources, and it is logged
     import torch
+
     from oracle_torch.adversary import source_divergence
     from oracle_torch.context import StepContext
     from oracle_torch.eval import eval_draw_plan, eval_metrics

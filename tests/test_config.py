@@ -3,7 +3,9 @@
 Guards SPEC S1 and the config-fidelity rule S93: a bad config is refused with ONE ConfigError
 whose message names the field by its dotted path in the config (and the bad value), both
 at parse time (pydantic) and at resolve time (cross-field rules both backends share);
-every shipped config loads and resolves; config_diff names the changed fields.
+every shipped config loads and resolves; config_diff names the changed fields. The strict
+schema (S96): no NaN/inf, betas in [0, 1), no coercion to int/bool/float, no duplicate YAML
+keys (tests/test_config_fuzz.py fuzzes the same rules through both CLIs).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from contract.config import ConfigError, config_diff, load_config, parse_config
+from contract.config import ConfigError, config_diff, parse_config
+from contract.config_file import load_config
 from contract.resolve import resolve_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,3 +284,133 @@ def test_recon_table_agrees_with_the_term_classes():
         assert issubclass(c, PlainReconTerm) == (source not in ("fresh_pgd", "persistent_pgd")), ty
     assert not any(issubclass(c, (PlainReconTerm, FreshPGDTerm, PersistentPGDTerm))
                    for ty, c in classes.items() if ty not in RECON_TERMS)
+
+
+# ------------------------------------------------------------------ strict schema (S96)
+STRICT_ERRORS = [
+    # (id, mutation, field path the message must name, fragment of the problem)
+    ("lr_inf", _set("optim.components.lr.start", float("inf")), "optim.components.lr.start", "finite"),
+    ("lr_minus_inf", _set("optim.ci_fn.lr.start", float("-inf")), "optim.ci_fn.lr.start", "finite"),
+    ("coeff_nan", _set("loss_terms.1.coeff", float("nan")), "loss_terms.1.coeff", "finite"),
+    ("coeff_inf", _set("loss_terms.0.coeff", float("inf")), "loss_terms.0.coeff", "finite"),
+    ("eps_inf", _set("optim.components.eps", float("inf")), "optim.components.eps", "finite"),
+    ("clip_inf", _set("optim.ci_fn.clip", float("inf")), "optim.ci_fn.clip", "finite"),
+    ("imp_min_eps_inf", _set("loss_terms.2.eps", float("inf")), "loss_terms.2.eps", "finite"),
+    ("warmup_lr_nan", _set("faithfulness_warmup.lr", float("nan")), "faithfulness_warmup.lr", "finite"),
+    ("beta1_is_1", _set("optim.components.betas", [1.0, 0.999]), "optim.components.betas.0", "less than 1"),
+    ("beta2_above_1", _set("optim.ci_fn.betas", [0.9, 1.5]), "optim.ci_fn.betas.1", "less than 1"),
+    ("beta_negative", _set("optim.components.betas", [-0.1, 0.999]), "optim.components.betas.0", "greater than or equal to 0"),
+    ("beta_nan", _set("optim.components.betas", [0.9, float("nan")]), "optim.components.betas.1", "finite"),
+    ("beta_bool", _set("optim.components.betas", [True, 0.999]), "optim.components.betas.0", "valid number"),
+    ("betas_three", _set("optim.components.betas", [0.9, 0.99, 0.999]), "optim.components.betas", "at most 2"),
+    ("source_beta_is_1", _set("loss_terms.3", {"type": "persistent_pgd_recon", "coeff": 1.0,
+                                               "optimizer": {"betas": [0.9, 1.0]}}),
+     "loss_terms.3.optimizer.betas.1", "less than 1"),
+    ("steps_true", _set("steps", True), "steps", "valid integer (got True)"),
+    ("C_true", _set("sites.0.C", True), "sites.0.C", "valid integer (got True)"),
+    ("steps_float", _set("steps", 10.0), "steps", "valid integer (got 10.0)"),
+    ("steps_string", _set("steps", "10"), "steps", "valid integer (got '10')"),
+    ("hidden_bool", _set("ci_fn.hidden", [True]), "ci_fn.hidden.0", "valid integer"),
+    ("seed_false", _set("seed", False), "seed", "valid integer (got False)"),
+    ("bool_from_int", _set("use_delta_component", 1), "use_delta_component", "valid boolean (got 1)"),
+    ("bool_from_string", _set("use_delta_component", "yes"), "use_delta_component", "valid boolean (got 'yes')"),
+    ("float_from_bool", _set("loss_terms.0.coeff", True), "loss_terms.0.coeff", "valid number (got True)"),
+    ("float_from_string", _set("optim.components.lr.start", "1e-3"), "optim.components.lr.start", "valid number"),
+]
+
+
+@pytest.mark.parametrize("mutate,path,fragment", [p[1:] for p in STRICT_ERRORS], ids=[p[0] for p in STRICT_ERRORS])
+def test_strict_schema_refuses(mutate, path, fragment):
+    # guards S96 (and S1's one-error-naming-the-field form): no NaN/inf, betas in [0, 1),
+    # no bool/float/str taken as an int, no int/str as a bool, no bool/str as a float
+    d = base_config()
+    if path.startswith("loss_terms.3"):
+        d["loss_terms"].append({})
+    else:
+        parse_config(copy.deepcopy(d))  # the base is valid, so the mutation alone is at fault
+    mutate(d)
+    with pytest.raises(ConfigError) as ei:
+        parse_config(d)
+    lines = error_lines(ei.value)
+    assert len(lines) == 1, str(ei.value)
+    assert lines[0].startswith(f"{path}: "), str(ei.value)
+    assert fragment in lines[0], str(ei.value)
+
+
+def test_strict_schema_keeps_what_is_meant():
+    # guards S96: strictness refuses coercions, not values: an int is a float (`lr: 1`), the
+    # betas are a YAML/JSON list or a tuple (0 is a valid beta), and the resolved dict of a
+    # config parses back to the same config (the checkpoint round trip, S94)
+    d = base_config()
+    d["optim"]["components"]["lr"]["start"] = 1
+    d["optim"]["components"]["betas"] = [0.0, 0.5]
+    d["optim"]["ci_fn"]["betas"] = (0.8, 0.9)
+    d["loss_terms"][0]["coeff"] = 2
+    cfg = parse_config(d)
+    assert cfg.optim.components.lr.start == 1.0 and isinstance(cfg.optim.components.lr.start, float)
+    assert cfg.loss_terms[0].coeff == 2.0 and isinstance(cfg.loss_terms[0].coeff, float)
+    assert cfg.optim.components.betas == (0.0, 0.5) and cfg.optim.ci_fn.betas == (0.8, 0.9)
+    assert parse_config(cfg.to_dict()) == cfg
+
+
+def _yaml_file(tmp_path, text: str, name: str = "c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_yaml_non_finite_and_exponent_floats(tmp_path):
+    # guards S96: YAML's `.inf` / `.nan` reach the schema as floats and are refused with the
+    # path; a number with an exponent is a float with or without a dot (`1e-3`, YAML 1.2),
+    # so strict float fields take it (PyYAML alone reads `1e-3` as a string)
+    import yaml
+    text = yaml.safe_dump(base_config())
+    assert "start: 0.001" in text
+    for bad, got in ((".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan")):
+        with pytest.raises(ConfigError) as ei:  # the first `start` of the dump is optim.ci_fn's
+            load_config(_yaml_file(tmp_path, text.replace("start: 0.001", f"start: {bad}", 1)))
+        assert error_lines(ei.value) == [f"optim.ci_fn.lr.start: Input should be a finite number (got {got})"], str(ei.value)
+    for spelled, value in (("1e-3", 1e-3), ("2E-3", 2e-3), ("1.0e3", 1e3), ("5e+1", 50.0), ("+1.5e-2", 0.015), (".5e-1", 0.05)):
+        cfg = load_config(_yaml_file(tmp_path, text.replace("start: 0.001", f"start: {spelled}")))
+        assert cfg.optim.components.lr.start == value and cfg.optim.ci_fn.lr.start == value, spelled
+    assert load_config(_yaml_file(tmp_path, text)).steps == 10  # ints stay ints
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("seed: 0\nsteps: 10\nsteps: 20\n", "steps", (2, 3)),
+    ("optim:\n  components: {lr: {start: 0.1, start: 0.2}}\n", "optim.components.lr.start", (2, 2)),
+    ("sites:\n- pattern: linear1\n  C: 4\n  C: 5\n", "sites.0.C", (3, 4)),
+    ("ci_fn:\n  type: mlp\n  hidden: [8]\nci_fn: {type: mlp}\n", "ci_fn", (1, 4)),
+])
+def test_yaml_duplicate_key_refused(tmp_path, text, key, lines):
+    # guards S96: a key given twice in one mapping is refused (plain YAML keeps the last one
+    # silently); the one error names the file, the key's config path and both lines
+    with pytest.raises(ConfigError) as ei:
+        load_config(_yaml_file(tmp_path, text, "dup.yaml"))
+    msg = str(ei.value)
+    assert "dup.yaml" in msg
+    (line,) = error_lines(ei.value)
+    assert line.startswith(f"{key}: duplicate key {key.split('.')[-1]!r} (lines {lines[0]} and {lines[1]})"), msg
+
+
+def test_yaml_merge_keys_and_repeats_across_mappings_are_fine(tmp_path):
+    # guards S96 (no false alarm): the same key in two different mappings, and a merge key
+    # (`<<: *anchor`) overridden by the mapping it merges into, are not duplicates
+    import yaml
+    d = base_config()
+    d.pop("optim")
+    text = yaml.safe_dump(d) + (
+        "optim:\n"
+        "  components: {lr: &lr {start: 0.001, kind: cosine}}\n"
+        "  ci_fn: {lr: {<<: *lr, start: 0.002}}\n")
+    cfg = load_config(_yaml_file(tmp_path, text))
+    assert cfg.optim.components.lr.start == 0.001 and cfg.optim.ci_fn.lr.start == 0.002
+    assert cfg.optim.ci_fn.lr.kind == "cosine"
+
+
+def test_config_file_not_text(tmp_path):
+    # guards S1: a binary config file is one ConfigError naming the file, not a traceback
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="bin.yaml"):
+        load_config(p)

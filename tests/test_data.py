@@ -213,7 +213,7 @@ def test_batch_for_step_eval_split_differs(tmp_path):
 
 
 def _llama_token_run(token_file: Path):
-    from contract.config import load_config
+    from contract.config_file import load_config
     from contract.targets import REPO_ROOT
 
     d = load_config(REPO_ROOT / "configs" / "tiny_llama.yaml").to_dict()

@@ -574,6 +574,141 @@ def test_oracle_llama_matches_jax(llama_file, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# weight-file checks (S96): one framework-free check (contract.targets.check_weight_file) that
+# both loaders run first, so a bad file gets the same one-line refusal from both backends
+
+
+def _safetensors_bytes(entries: list[tuple[str, str, tuple[int, ...], bytes]]) -> bytes:
+    """A safetensors file written by hand (any dtype name, e.g. BF16, which numpy cannot write)."""
+    header, data = {}, b""
+    for name, dtype, shape, raw in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + data
+
+
+def _bad_weight_files(d: Path) -> dict[str, tuple[Path, list[str]]]:
+    """case -> (a bad TMS weight file beside a good JSON, fragments its refusal must name)."""
+    good = _toy_tensors("tms", TMS_CFG, 21)  # linear1.weight [3, 7], linear2.weight [7, 3], linear2.bias [7]
+    nan = dict(good, **{"linear1.weight": good["linear1.weight"].copy()})
+    nan["linear1.weight"][1, 4] = np.nan
+    out: dict[str, tuple[dict | bytes, list[str]]] = {
+        "missing": ({k: v for k, v in good.items() if k != "linear2.bias"}, ["missing tensor linear2.bias (7,)"]),
+        "extra": (dict(good, **{"linear3.weight": np.zeros((3, 3), np.float32)}), ["unexpected tensor linear3.weight"]),
+        "shape": (dict(good, **{"linear1.weight": good["linear1.weight"].T}),
+                  ["tensor linear1.weight has shape (7, 3), expected (3, 7)"]),
+        "int_dtype": (dict(good, **{"linear2.bias": np.arange(7, dtype=np.int32)}), ["tensor linear2.bias has dtype I32"]),
+        "nan": (nan, ["tensor linear1.weight holds 1 non-finite value"]),
+        "inf_f64": (dict(good, **{"linear2.bias": np.array([0, 1, np.inf, 0, 0, -np.inf, 0])}),
+                    ["tensor linear2.bias holds 2 non-finite values"]),
+        "bf16": (_safetensors_bytes([(k, "BF16" if k == "linear1.weight" else "F32", v.shape,
+                                      (v.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+                                      if k == "linear1.weight" else v.tobytes()) for k, v in good.items()]),
+                 ["tensor linear1.weight has dtype BF16"]),
+        "empty": (b"", ["not a safetensors file"]),
+        "garbage": (b"\x10" + b"\0" * 7 + b"this is no json header", ["its header is not JSON"]),
+    }
+    whole = _safetensors_bytes([(k, "F32", v.shape, v.tobytes()) for k, v in good.items()])
+    out["truncated"] = (whole[:-5], ["tensor linear2.bias", "truncated"])  # the last tensor written
+    out["header_cut"] = (whole[:30], ["not a safetensors file", "truncated"])
+    out["trailing_bytes"] = (whole + b"\0" * 4, ["4 bytes after the last tensor (linear2.bias)"])
+    files = {}
+    for case, (content, fragments) in out.items():
+        path = d / f"bad_{case}.safetensors"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            np_save_file({k: np.ascontiguousarray(v) for k, v in content.items()}, str(path))
+        path.with_suffix(".json").write_text(json.dumps({"kind": "tms", "config": TMS_CFG, "training": {}}))
+        files[case] = (path, fragments)
+    return files
+
+
+BAD_WEIGHT_CASES = ["missing", "extra", "shape", "int_dtype", "nan", "inf_f64", "bf16", "empty", "garbage",
+                    "truncated", "header_cut", "trailing_bytes"]
+
+
+@pytest.fixture(scope="module")
+def bad_weight_files(tmp_path_factory):
+    files = _bad_weight_files(tmp_path_factory.mktemp("bad_weights"))
+    assert sorted(files) == sorted(BAD_WEIGHT_CASES)
+    return files
+
+
+@pytest.mark.parametrize("case", BAD_WEIGHT_CASES)
+def test_load_frozen_refuses_bad_weight_file(bad_weight_files, case):
+    # guards S96: a weight file that is incomplete, of other tensors, shapes or dtypes, or
+    # holds NaN/inf is refused with one error (a ValueError) naming the file and the tensor
+    from contract.targets import WeightFileError
+    path, fragments = bad_weight_files[case]
+    with pytest.raises(WeightFileError) as ei:
+        load_frozen(path, jnp.float32)
+    msg = str(ei.value)
+    assert isinstance(ei.value, ValueError) and "\n" not in msg
+    assert msg.startswith(f"target.weights: {path}: "), msg
+    for f in fragments:
+        assert f in msg, (f, msg)
+
+
+@pytest.mark.parametrize("case", BAD_WEIGHT_CASES)
+def test_bad_weight_file_refused_alike_by_both_backends(bad_weight_files, case):
+    # guards S96: both loaders run the one contract check first: the same file gets the same
+    # refusal, word for word, from the oracle and from JAX
+    torch = _torch()
+    from contract.targets import WeightFileError
+    from oracle_torch.targets import load_target
+    path, _ = bad_weight_files[case]
+    with pytest.raises(WeightFileError) as jax_err:
+        load_frozen(path, jnp.float32)
+    with pytest.raises(WeightFileError) as torch_err:
+        load_target(path, torch.float32)
+    assert str(torch_err.value) == str(jax_err.value)
+
+
+@pytest.mark.parametrize("case", ["nan", "truncated", "extra", "shape"])
+def test_bad_weight_file_through_both_clis(bad_weight_files, case, tmp_path, capsys):
+    # guards S96 at the command line: exit code 2, one line `PROG: error: ...` naming the file
+    # and the tensor, the same message from vpd-oracle and vpd-train, never a traceback
+    _torch()
+    import yaml
+
+    import jax_impl.cli
+    import oracle_torch.cli
+    from tests.helpers import tms_config
+
+    path, fragments = bad_weight_files[case]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tms_config(str(path))))
+    msgs = {}
+    for prog, main in (("vpd-oracle", oracle_torch.cli.main), ("vpd-train", jax_impl.cli.main)):
+        rc = main(["train", str(cfg), "--out", str(tmp_path / prog), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err, (prog, rc, err)
+        (line,) = err.splitlines()
+        assert line.startswith(f"{prog}: error: target.weights: {path}: "), line
+        msgs[prog] = line.split(": error: ", 1)[1]
+        assert all(f in msgs[prog] for f in fragments), (fragments, line)
+    assert msgs["vpd-oracle"] == msgs["vpd-train"]
+
+
+def test_oracle_loads_a_tied_llama_file_like_jax(tmp_path):
+    # guards S96: a tied Llama file without `lm_head.weight` (as save_pretrained writes it)
+    # passes the shared check and loads in both backends, with the same logits
+    torch = _torch()
+    from oracle_torch.targets import load_target, target_forward as oracle_forward
+    model = _build_hf_llama(dict(LLAMA_CFG, tie_word_embeddings=True), seed=7)
+    weights = _save_hf_llama(model, tmp_path / "tied.safetensors")
+    assert "lm_head.weight" not in np_load_file(str(weights))
+    ids = _ids(LLAMA_CFG["vocab_size"], (2, 9))
+    with torch.no_grad():
+        ours = load_target(weights, torch.float32)
+        assert torch.equal(ours.get_parameter("lm_head.weight"), ours.get_parameter("model.embed_tokens.weight"))
+        y = oracle_forward(ours, "llama", torch.from_numpy(ids)).numpy()
+    assert _max_abs(jax_forward_fp32(weights, ids), y) <= TOL_FP32
+
+
+# ----------------------------------------------------------------------------------------------
 # import boundaries of the two modules under test
 
 

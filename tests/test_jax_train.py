@@ -139,7 +139,7 @@ def test_uninterrupted_run_outputs(tiny, uninterrupted):
     st = load_checkpoint(cks[-1], run, F32)
     want = abstract_state(run, F32)
     assert jax.tree.structure(st.to_tree()) == jax.tree.structure(want)  # the stored tree of the TrainState
-    assert [(x.shape, x.dtype) for x in jax.tree.leaves(st)] == [(x.shape, x.dtype) for x in jax.tree.leaves(want)]
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(st.to_tree())] == [(x.shape, x.dtype) for x in jax.tree.leaves(want)]
     assert int(st.step) == 6 and int(st.opt_components.count) == 6 and int(st.opt_ci_fn.inner_state[0].count) == 6
     # the injected learning rate of the last step is in the optimizer state
     assert float(st.opt_components.hyperparams["learning_rate"]) == pytest.approx(1e-3, rel=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +19,22 @@ import pytest
 
 from contract.config import parse_config
 from contract.draws import route_from_uniforms as route_ref
-from contract.resolve import resolve_run
+from contract.resolve import ResolvedRun, resolve_run
 from jax_impl.components import DecomposedModel, SiteMode
-from jax_impl.eval import EVAL_VARIANTS, eval_ci, eval_draw_plan, eval_key, eval_metrics, next_token_ce, sample_eval_draws
+from jax_impl.eval import (
+    EVAL_VARIANTS,
+    eval_ci,
+    eval_draw_plan,
+    eval_key,
+    eval_metrics,
+    next_token_ce,
+    sample_eval_draws,
+)
 from jax_impl.losses import faithfulness, importance_minimality, output_divergence
 from jax_impl.recon import route_from_uniforms
 from jax_impl.sigmoids import ALPHA, ci_pair, lower_leaky_hard, upper_leaky_hard
-from jax_impl.targets import frozen_site
 from jax_impl.state import make_state
+from jax_impl.targets import frozen_site
 from jax_impl.train import clip_grad_norm, faithfulness_warmup
 from tests.helpers import tms_config, write_tiny_tms
 
@@ -108,7 +117,8 @@ def test_importance_minimality_hand_computation_two_sites_different_C():
     cu64 = {"a": 1.2 * g.random((2, 3, 3)),   # [B, T, C=3], N = 6
             "b": 1.2 * g.random((2, 3, 2))}   # C = 2
     cu = {k: jnp.asarray(v, F32) for k, v in cu64.items()}
-    run = SimpleNamespace(sites=[SimpleNamespace(name="a", C=3), SimpleNamespace(name="b", C=2)])
+    # a stand-in run with only the field importance_minimality reads
+    run = cast(ResolvedRun, SimpleNamespace(sites=[SimpleNamespace(name="a", C=3), SimpleNamespace(name="b", C=2)]))
     p, beta, eps = 1.7, 0.4, 1e-3
     expected = 0.0
     for name, C in (("a", 3), ("b", 2)):
@@ -136,7 +146,7 @@ def test_kl_direction_and_per_position_mean():
         p = [math.exp(v) for v in p_logits]
         q = [math.exp(v) for v in q_logits]
         zp, zq = sum(p), sum(q)
-        return sum(pi / zp * math.log((pi / zp) / (qi / zq)) for pi, qi in zip(p, q))
+        return sum(pi / zp * math.log((pi / zp) / (qi / zq)) for pi, qi in zip(p, q, strict=True))
 
     pos = [(b, t) for b in range(2) for t in range(3)]
     fwd = sum(kl(clean[b, t].tolist(), masked[b, t].tolist()) for b, t in pos) / len(pos)
@@ -164,8 +174,9 @@ def test_faithfulness_normalised_over_all_sites():
          "components.b.V": g.standard_normal((5, 3)), "components.b.U": g.standard_normal((3, 2))}
     Wj = {k: jnp.asarray(v, F32) for k, v in W.items()}
     Pj = {k: jnp.asarray(v, F32) for k, v in P.items()}
-    run = SimpleNamespace(sites=[SimpleNamespace(name="a"), SimpleNamespace(name="b")])
-    model = SimpleNamespace(weight=lambda frozen, n: frozen[n])
+    # stand-ins with only the fields faithfulness reads
+    run = cast(ResolvedRun, SimpleNamespace(sites=[SimpleNamespace(name="a"), SimpleNamespace(name="b")]))
+    model = cast(DecomposedModel, SimpleNamespace(weight=lambda frozen, n: frozen[n]))
     sq = {n: float(((W[n] - P[f"components.{n}.V"] @ P[f"components.{n}.U"]) ** 2).sum()) for n in W}
     expected = (sq["a"] + sq["b"]) / (12 + 10)
     assert float(faithfulness(run, model, Wj, Pj)) == pytest.approx(expected, rel=REL)
@@ -345,9 +356,9 @@ def test_stacked_forwards_equal_one_forward_each(monkeypatch):
     # gradient beyond reassociation; tms_all_terms has every plain plan x source and two
     # draws per stochastic entry, so stacks of 4 (stochastic) and 2 (CI-masked/unmasked) form
     import jax_impl.recon as recon
+    from contract.draws import draw_plan
     from contract.schedules import hparams
     from jax_impl.train import forward_terms, prng_key, sample_draws
-    from contract.draws import draw_plan
     from parity.cases import CASES
 
     run = resolve_run(parse_config(CASES["tms_all_terms"].config_dict()))

@@ -16,17 +16,15 @@ from oracle_torch.eval import EVAL_VARIANTS, eval_ci, eval_draw_plan, eval_metri
 from oracle_torch.losses import output_divergence
 from oracle_torch.state import make_state
 from tests.helpers import tms_config
-from tests.test_oracle_units import F64, _x, tms as _units_tms
+from tests.test_oracle_units import F64, _x
 
 torch.set_num_threads(1)
 
-tms = _units_tms  # the fixture of tests/test_oracle_units.py, requested here by name
 
-
-def test_eval_metrics_toy_variants(tms):
+def test_eval_metrics_toy_variants(torch_tms):
     # S13/S26: eval masks use ci_lower; ci/unmasked/rounded/zero have no delta path;
     # stochastic uses the named eval draws.
-    run, state, model = tms
+    run, state, model = torch_tms
     x = _x(8, 5, 3)
     plan = eval_draw_plan(run, (8,))
     assert [d.name for d in plan] == ["eval.linear1.source", "eval.linear1.delta", "eval.linear2.source", "eval.linear2.delta"]

@@ -213,6 +213,37 @@ def test_strict_loading_names_file_and_keys(tmp_path):
         load_target(tmp_path / "t.safetensors")
 
 
+def test_load_target_refuses_bad_weight_files(tmp_path):
+    # guards S96: the oracle runs the shared contract check (contract.targets.check_weight_file)
+    # before loading: NaN/inf, a non-float or unsupported dtype, a truncated file and a file of
+    # other tensors are each one WeightFileError (a ValueError) naming the file and the tensor
+    from contract.targets import WeightFileError
+    src = _path("tms_5-2")
+    tensors = load_file(str(src))
+    w = tensors["linear1.weight"]
+    cases = {
+        "nan": (dict(tensors, **{"linear1.weight": w.index_fill(1, torch.tensor([3]), float("nan"))}),
+                "tensor linear1.weight holds 2 non-finite values"),
+        "inf": (dict(tensors, **{"linear2.bias": torch.full((5,), float("inf"), dtype=torch.float64)}),
+                "tensor linear2.bias holds 5 non-finite values"),
+        "int": (dict(tensors, **{"linear2.bias": torch.zeros(5, dtype=torch.int64)}), "tensor linear2.bias has dtype I64"),
+        "bf16": (dict(tensors, **{"linear1.weight": w.to(torch.bfloat16)}), "tensor linear1.weight has dtype BF16"),
+        "extra": (dict(tensors, **{"extra.weight": torch.zeros(2)}), "unexpected tensor extra.weight"),
+    }
+    for case, (t, fragment) in cases.items():
+        path = tmp_path / f"{case}.safetensors"
+        save_file(t, str(path))
+        shutil.copy(src.with_suffix(".json"), path.with_suffix(".json"))
+        with pytest.raises(WeightFileError) as e:
+            load_target(path)
+        assert str(e.value).startswith(f"target.weights: {path}: ") and fragment in str(e.value), (case, str(e.value))
+    path = tmp_path / "truncated.safetensors"
+    path.write_bytes(src.read_bytes()[:-3])
+    shutil.copy(src.with_suffix(".json"), path.with_suffix(".json"))
+    with pytest.raises(WeightFileError, match=r"truncated\.safetensors: tensor linear\S+: .*truncated file"):
+        load_target(path)
+
+
 def test_build_target_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
         build_target("gpt", {})

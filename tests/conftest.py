@@ -1,0 +1,24 @@
+"""Fixtures shared between test modules. Loaded for every test module, JAX-only ones
+included, so no framework is imported at module level (as in tests/helpers.py); fixture
+names carry their backend (`torch_...`), the JAX tests keep their own fixtures."""
+from __future__ import annotations
+
+import pytest
+
+from contract.config import parse_config
+from contract.resolve import resolve_run
+from tests.helpers import tms_config, write_tiny_tms
+
+
+@pytest.fixture
+def torch_tms(tmp_path):
+    """A tiny TMS run on the torch oracle in float64: (run, step-0 state, decomposed model)."""
+    import torch
+
+    from oracle_torch.components import DecomposedModel
+    from oracle_torch.state import make_state
+
+    run = resolve_run(parse_config(tms_config(write_tiny_tms(tmp_path, rng="torch"))))
+    state = make_state(run, None, torch.float64)
+    model = DecomposedModel(run, state.params, torch.float64)
+    return run, state, model
