@@ -275,7 +275,9 @@ class GuardConfig(Strict):
 
 
 class RunConfig(Strict):
-    seed: int = Field(default=0, ge=0)
+    # S96: below 2^62, so every seed the trainers derive (the eval stream is seed + 1) fits the
+    # signed 64-bit integer a JAX key takes; the oracle refuses the same seeds
+    seed: int = Field(default=0, ge=0, lt=2**62)
     target: TargetConfig
     data: DataConfig = DataConfig()
     sites: list[SiteConfig] = Field(min_length=1)

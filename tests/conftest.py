@@ -1,6 +1,6 @@
 """Fixtures shared between test modules. Loaded for every test module, JAX-only ones
 included, so no framework is imported at module level (as in tests/helpers.py); fixture
-names carry their backend (`torch_...`), the JAX tests keep their own fixtures."""
+names carry their backend (`torch_...`, `jax_...`)."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +8,20 @@ import pytest
 from contract.config import parse_config
 from contract.resolve import resolve_run
 from tests.helpers import tms_config, write_tiny_tms
+
+
+@pytest.fixture(scope="module")
+def jax_fast_compiles():
+    """Compile JAX without XLA's optimisations for one test module (restored, and the compile
+    caches cleared, afterwards): for tests whose properties (determinism, exact resume, file
+    handling) do not depend on the optimisation level and whose time is mostly compiling.
+    Use it with `pytestmark = pytest.mark.usefixtures("jax_fast_compiles")`."""
+    import jax
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+    jax.clear_caches()  # nothing compiled without optimisations outlives the module
 
 
 @pytest.fixture

@@ -33,14 +33,6 @@ BACKENDS = ("torch", "jax")
 STEP4, STEP6 = "step_00000004", "step_00000006"
 
 
-@pytest.fixture(scope="module")
-def _fast_compiles():
-    import jax
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-    jax.clear_caches()  # nothing compiled without optimisations outlives this module
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +62,7 @@ def torch_ref(tiny) -> Ref:
 
 
 @pytest.fixture(scope="module")
-def jax_ref(tiny, _fast_compiles) -> Ref:
+def jax_ref(tiny, jax_fast_compiles) -> Ref:
     from jax_impl.backend import JaxBackend
     return Ref(JaxBackend(run_of(tiny[1])), tiny[0] / "ref_jax")
 

@@ -83,6 +83,8 @@ PARSE_ERRORS = [
     ("unknown_deep", _set("optim.components.lr.kindd", "linear"), "optim.components.lr.kindd", "unknown field"),
     ("wrong_type", _set("steps", "ten"), "steps", "'ten'"),
     ("negative_C", _set("sites.0.C", -3), "sites.0.C", "greater than 0"),
+    # S96: a seed the JAX key cannot hold is refused for both backends (it was an OverflowError)
+    ("huge_seed", _set("seed", 2**63 + 5), "seed", "less than"),
     ("zero_C", _set("sites.1.C", 0), "sites.1.C", "greater than 0"),
     ("unknown_loss_type", _set("loss_terms.1.type", "stochastic_recn"), "loss_terms.1", "stochastic_recn"),
     # a field error inside a loss term names the config path, not pydantic's union tag

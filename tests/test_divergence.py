@@ -32,14 +32,8 @@ PROGS = {"torch": "vpd-oracle", "jax": "vpd-train"}
 NAN_TERM, NAN_LEAF = "loss/1.importance_minimality", "components.linear1.V"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_jax_compiles():
-    import jax
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-    jax.clear_caches()  # nothing compiled without optimisations outlives this module
+
+pytestmark = pytest.mark.usefixtures("jax_fast_compiles")
 
 
 def make(name: str, run) -> Backend:

@@ -40,16 +40,9 @@ from tests.helpers import HookedBackend, run_of, signal_after, write_tiny_tms
 
 F32 = jnp.float32
 # one xdist worker runs the whole module: the fixtures share one trained run and its compiled step
-pytestmark = pytest.mark.xdist_group("jax_train")
+pytestmark = [pytest.mark.xdist_group("jax_train"), pytest.mark.usefixtures("jax_fast_compiles")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-    jax.clear_caches()  # nothing compiled without optimisations outlives this module
 
 
 def train_config(weights: str, **over) -> dict:

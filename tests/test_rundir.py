@@ -36,18 +36,9 @@ from tests.helpers import hook_cli_backend, tms_config, write_cfg, write_tiny_tm
 
 PROG = {"torch": "vpd-oracle", "jax": "vpd-train"}
 OTHER = {"torch": "jax", "jax": "torch"}
-pytestmark = pytest.mark.xdist_group("rundir")
+pytestmark = [pytest.mark.xdist_group("rundir"), pytest.mark.usefixtures("jax_fast_compiles")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_jax_compiles():
-    """As in tests/test_jax_train.py: the properties here do not depend on XLA's optimisations."""
-    import jax
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-    jax.clear_caches()
 
 
 @pytest.fixture(scope="module")
