@@ -25,7 +25,8 @@ def read_metric_lines(path: Path, before_step: int) -> list[str]:
     keep = []
     if not path.is_file():
         return keep
-    for line in path.read_text().splitlines():
+    # undecodable bytes (a damaged file) become a line that fails to parse and is dropped
+    for line in path.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -54,10 +55,9 @@ def one_line(msg: str) -> str:
     return head + (" " + "; ".join(rest) if rest else "")
 
 
-def load_run(config: str, steps: int | None = None, dtype: str | None = None, backend: str | None = None) -> ResolvedRun:
+def load_run(config: str, steps: int | None = None, dtype: str | None = None) -> ResolvedRun:
     """Load a config file, apply command-line overrides (recorded in the resolved config) and
     resolve it (raises ConfigError / FileNotFoundError / ValueError)."""
-    del backend  # accepted for the CLIs until they are rewritten
     d = load_config(config).to_dict()
     if steps is not None:
         if steps <= 0:

@@ -35,6 +35,14 @@ from loop.signals import AbortOnSignal
 PROGS = {"torch": ("vpd-oracle", "the torch oracle"), "jax": ("vpd-train", "the JAX trainer")}
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into a usage error, exit 2)."""
+    n = int(text)
+    if n < 1:
+        raise ValueError(text)
+    return n
+
+
 def parser(backend: str) -> argparse.ArgumentParser:
     prog, what = PROGS[backend]
     ap = argparse.ArgumentParser(prog=prog, description=f"Train a VPD decomposition with {what}.")
@@ -50,7 +58,7 @@ def parser(backend: str) -> argparse.ArgumentParser:
                    help="log to Weights & Biases (WANDB_MODE respected; offline by default)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     if backend == "torch":
-        t.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+        t.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
     return ap
 
 

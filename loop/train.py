@@ -92,6 +92,8 @@ def _train(backend: Backend, out_dir: str | Path, resume: bool, progress: bool, 
     """The run itself, with the run directory claimed by `train`."""
     run = backend.run
     cfg = run.cfg
+    if use_wandb:
+        _wandb_mode()  # refuse a bad WANDB_MODE before anything in the directory is cleared or rewritten
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"

@@ -98,18 +98,24 @@ PARSE_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("mutate,path,fragment", [p[1:] for p in PARSE_ERRORS], ids=[p[0] for p in PARSE_ERRORS])
-def test_parse_error_names_field_path(mutate, path, fragment):
-    # guards S1: one mistake -> one ConfigError with exactly one line `path: problem (got value)`
-    d = base_config()
-    parse_config(copy.deepcopy(d))  # the base is valid, so the mutation alone is at fault
-    mutate(d)
+def assert_one_error_naming(d: dict, path: str, fragment: str) -> None:
+    """S1: parsing `d` raises one ConfigError of exactly one line `path: problem (got value)`
+    holding `fragment`."""
     with pytest.raises(ConfigError) as ei:
         parse_config(d)
     lines = error_lines(ei.value)
     assert len(lines) == 1, str(ei.value)
     assert lines[0].startswith(f"{path}: "), str(ei.value)
     assert fragment in lines[0], str(ei.value)
+
+
+@pytest.mark.parametrize("mutate,path,fragment", [p[1:] for p in PARSE_ERRORS], ids=[p[0] for p in PARSE_ERRORS])
+def test_parse_error_names_field_path(mutate, path, fragment):
+    # guards S1: one mistake -> one ConfigError with exactly one line `path: problem (got value)`
+    d = base_config()
+    parse_config(copy.deepcopy(d))  # the base is valid, so the mutation alone is at fault
+    mutate(d)
+    assert_one_error_naming(d, path, fragment)
 
 
 def test_load_config_names_file_and_field(tmp_path):
@@ -331,12 +337,7 @@ def test_strict_schema_refuses(mutate, path, fragment):
     else:
         parse_config(copy.deepcopy(d))  # the base is valid, so the mutation alone is at fault
     mutate(d)
-    with pytest.raises(ConfigError) as ei:
-        parse_config(d)
-    lines = error_lines(ei.value)
-    assert len(lines) == 1, str(ei.value)
-    assert lines[0].startswith(f"{path}: "), str(ei.value)
-    assert fragment in lines[0], str(ei.value)
+    assert_one_error_naming(d, path, fragment)
 
 
 def test_strict_schema_keeps_what_is_meant():

@@ -1,5 +1,5 @@
-"""The JAX training loop, checkpoints and CLI (jax_impl/train.py::train, jax_impl/checkpoint.py,
-jax_impl/cli.py), on a tiny TMS target written to tmp_path.
+"""The training loop on the JAX backend, its checkpoints and CLI (loop/train.py with
+jax_impl/backend.py, jax_impl/checkpoint.py, jax_impl/cli.py), on a tiny TMS target written to tmp_path.
 
 - S60/S50 + checkpoints: a run stopped by SIGTERM and resumed reproduces the uninterrupted
   run exactly (every leaf of the training state bitwise, metrics.jsonl byte for byte), and

@@ -260,3 +260,20 @@ def test_cli_exit_2_on_bad_or_missing_files(tmp_path, weights, capsys):
     with pytest.raises(SystemExit) as e:  # argparse usage errors are exit code 2 as well
         cli_main(["train", "x.yaml"])
     assert e.value.code == 2
+
+
+def test_undecodable_metrics_bytes_are_dropped_not_a_crash(tmp_path):
+    # S101: a damaged metrics.jsonl (bytes that are not UTF-8) loses only the damaged line on resume
+    from contract.runlog import read_metric_lines
+    p = tmp_path / "metrics.jsonl"
+    p.write_bytes(b'{"step": 0, "a": 1}\n\xff\xfe junk\n{"step": 1, "a": 2}\n{"step": 2, "a": 3}\n')
+    assert read_metric_lines(p, 2) == ['{"step": 0, "a": 1}', '{"step": 1, "a": 2}']
+
+
+def test_nonpositive_threads_is_a_usage_error(tmp_path, weights, capsys):
+    # S105: a bad command-line value is exit 2 with argparse's one-line usage error, not a traceback
+    cfg = write_cfg(tmp_path / "c.yaml", tiny_config(weights))
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", cfg, "--out", str(tmp_path / "o"), "--threads", "-1"])
+    assert e.value.code == 2 and "--threads" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
