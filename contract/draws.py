@@ -90,3 +90,26 @@ def route_from_uniforms(route_k: np.ndarray, route_order: np.ndarray) -> np.ndar
 
 def bernoulli_from_uniform(u: np.ndarray) -> np.ndarray:
     return (u < 0.5).astype(u.dtype)
+
+
+def eval_draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...]) -> list[DrawSpec]:
+    """The draws one eval batch consumes (only the `stochastic` variant is random)."""
+    bs = tuple(batch_shape)
+    plan = []
+    for s in run.sites:
+        plan.append(DrawSpec(f"eval.{s.name}.source", bs + (s.C,)))
+        if run.cfg.use_delta_component:
+            plan.append(DrawSpec(f"eval.{s.name}.delta", bs))
+        if run.cfg.eval.pgd_steps:
+            plan.append(DrawSpec(f"eval.{s.name}.pgd_init", source_shape(bs, "bsc", n_channels(run.cfg, s.C))))
+    return plan
+
+
+def eval_batch_shape(run: ResolvedRun) -> tuple[int, ...]:
+    B = run.cfg.eval.batch_size
+    if run.cfg.target.kind != "llama":
+        return (B,)
+    T = run.cfg.data.seq_len
+    if T is None:
+        raise ValueError("data.seq_len: required for the llama target")
+    return (B, T)

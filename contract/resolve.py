@@ -7,7 +7,7 @@ import fnmatch
 from dataclasses import dataclass
 
 from contract.adversary import bundle_of, check_adversaries
-from contract.config import RECON_TERMS, ChunkwiseSubsetRecon, ConfigError, PersistentPGDTerm, RunConfig
+from contract.config import RECON_TERMS, ChunkwiseSubsetRecon, ConfigError, FreshPGDTerm, PersistentPGDTerm, RunConfig
 from contract.targets import ModuleInfo, load_target_meta, module_table
 
 
@@ -36,6 +36,23 @@ class ReconTerm:
     source: str
     entries: tuple[PlanEntry, ...]
     bundle: str | None = None  # persistent PGD: the term's source bundle (S85)
+
+
+def fresh_cfg(run: ResolvedRun, term: ReconTerm) -> FreshPGDTerm:
+    """The config of a fresh-PGD recon term: source 'fresh_pgd' <=> a pgd_recon* term (RECON_TERMS)."""
+    tc = run.cfg.loss_terms[term.index]
+    if not isinstance(tc, FreshPGDTerm):
+        raise TypeError(f"loss_terms.{term.index}: source {term.source!r} needs a pgd_recon* term, got {tc.type!r}")
+    return tc
+
+
+def persistent_cfg(run: ResolvedRun, term: ReconTerm) -> PersistentPGDTerm:
+    """The config of a persistent-PGD recon term: source 'persistent_pgd' <=> a
+    persistent_pgd_recon* term (RECON_TERMS)."""
+    tc = run.cfg.loss_terms[term.index]
+    if not isinstance(tc, PersistentPGDTerm):
+        raise TypeError(f"loss_terms.{term.index}: source {term.source!r} needs a persistent_pgd_recon* term, got {tc.type!r}")
+    return tc
 
 
 @dataclass(frozen=True)

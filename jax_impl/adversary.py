@@ -8,30 +8,13 @@ import jax.numpy as jnp
 
 from contract.adversary import n_channels, source_shape
 from contract.backend import NO_PROBE, Probe
-from contract.config import FreshPGDTerm, PersistentPGDTerm, SourceOptimizer
+from contract.config import FreshPGDTerm, SourceOptimizer
 from contract.draws import draw_name
-from contract.resolve import ReconTerm, ResolvedRun
+from contract.resolve import ReconTerm, fresh_cfg, persistent_cfg
 from jax_impl.components import SiteMode
 from jax_impl.context import StepContext
 from jax_impl.losses import output_divergence
 from jax_impl.recon import route_from_uniforms
-
-
-def fresh_cfg(run: ResolvedRun, term: ReconTerm) -> FreshPGDTerm:
-    """The config of a fresh-PGD recon term: source 'fresh_pgd' <=> a pgd_recon* term (RECON_TERMS)."""
-    tc = run.cfg.loss_terms[term.index]
-    if not isinstance(tc, FreshPGDTerm):
-        raise TypeError(f"loss_terms.{term.index}: source {term.source!r} needs a pgd_recon* term, got {tc.type!r}")
-    return tc
-
-
-def persistent_cfg(run: ResolvedRun, term: ReconTerm) -> PersistentPGDTerm:
-    """The config of a persistent-PGD recon term: source 'persistent_pgd' <=> a
-    persistent_pgd_recon* term (RECON_TERMS)."""
-    tc = run.cfg.loss_terms[term.index]
-    if not isinstance(tc, PersistentPGDTerm):
-        raise TypeError(f"loss_terms.{term.index}: source {term.source!r} needs a persistent_pgd_recon* term, got {tc.type!r}")
-    return tc
 
 
 def expand_rows(src, batch_rows: int, scope: str):

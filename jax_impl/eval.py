@@ -14,8 +14,8 @@ everywhere, CI and V/U constant; a metric only (stop-gradient), inside the jitte
 
 CI in eval is deterministic (no binomial noise). The only random draws are
 `eval.{site}.source` [..., C], `eval.{site}.delta` [...] and, with the PGD probe,
-`eval.{site}.pgd_init` (U[0,1), bsc scope shape) (`eval_draw_plan`, the oracle's list and
-order). In production they come from `jax.random` keyed by
+`eval.{site}.pgd_init` (U[0,1), bsc scope shape) (`contract/draws.py::eval_draw_plan`, shared
+with the oracle). In production they come from `jax.random` keyed by
 `fold_in(fold_in(prng_key(seed + 1), step), j)` for eval batch j of the eval at `step`
 (`eval_key`); the parity harness may pass explicit draws.
 Batch j of the eval at step k is eval-stream step `k * n_batches + j` (as in the oracle).
@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contract.adversary import n_channels, source_shape
 from contract.data import batch_for_step
-from contract.draws import DrawSpec
+from contract.draws import DrawSpec, eval_draw_plan
 from contract.metrics import EVAL_VARIANTS
 from contract.resolve import ResolvedRun
 from jax_impl.adversary import sign_ascent, source_divergence
@@ -41,29 +40,6 @@ from jax_impl.losses import output_divergence
 from jax_impl.recon import bernoulli_from_uniform
 from jax_impl.sigmoids import ci_pair
 from jax_impl.train import prng_key
-
-
-def eval_draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...]) -> list[DrawSpec]:
-    """The draws one eval batch consumes (only the `stochastic` variant is random)."""
-    bs = tuple(batch_shape)
-    plan = []
-    for s in run.sites:
-        plan.append(DrawSpec(f"eval.{s.name}.source", bs + (s.C,)))
-        if run.cfg.use_delta_component:
-            plan.append(DrawSpec(f"eval.{s.name}.delta", bs))
-        if run.cfg.eval.pgd_steps:
-            plan.append(DrawSpec(f"eval.{s.name}.pgd_init", source_shape(bs, "bsc", n_channels(run.cfg, s.C))))
-    return plan
-
-
-def eval_batch_shape(run: ResolvedRun) -> tuple[int, ...]:
-    B = run.cfg.eval.batch_size
-    if run.cfg.target.kind != "llama":
-        return (B,)
-    T = run.cfg.data.seq_len
-    if T is None:
-        raise ValueError("data.seq_len: required for the llama target")
-    return (B, T)
 
 
 def eval_key(seed: int, step: int, j: int, mesh_data: int = 1):

@@ -19,9 +19,9 @@ import optax
 from contract.backend import FINITE, GUARDED, NO_PROBE, Probe
 from contract.draws import DrawSpec, draw_plan
 from contract.metrics import term_key
-from contract.resolve import ResolvedRun
+from contract.resolve import ResolvedRun, persistent_cfg
 from contract.schedules import hparams
-from jax_impl.adversary import adam_ascent, fresh_pgd_term, persistent_cfg, persistent_pgd_term, persistent_warmup
+from jax_impl.adversary import adam_ascent, fresh_pgd_term, persistent_pgd_term, persistent_warmup
 from jax_impl.ci_fn import ci_logits
 from jax_impl.components import DecomposedModel, inner_act
 from jax_impl.context import StepContext

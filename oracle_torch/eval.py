@@ -19,8 +19,8 @@ split="eval")`), with every site live and routed everywhere:
 CI in eval is deterministic: ci_lower = lower_leaky_hard(z) even under binomial sampling
 (the binomial noise is a training device). The eval draws are named `eval.{site}.source`
 [..., C], `eval.{site}.delta` [...] and, with the PGD probe, `eval.{site}.pgd_init`
-(U[0,1)); `eval_draw_plan` lists them so the JAX
-mirror and the parity harness can use the same names. `n_batches` eval batches are
+(U[0,1)); `contract/draws.py::eval_draw_plan` lists them for both backends and
+the parity harness. `n_batches` eval batches are
 averaged (batch j of the eval at step k is eval-stream step `k * n_batches + j`).
 """
 from __future__ import annotations
@@ -30,9 +30,8 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
-from contract.adversary import n_channels, source_shape
 from contract.data import batch_for_step
-from contract.draws import DrawSpec
+from contract.draws import eval_batch_shape, eval_draw_plan
 from contract.metrics import EVAL_VARIANTS
 from contract.resolve import ResolvedRun
 from oracle_torch.adversary import sign_ascent, source_divergence
@@ -43,29 +42,6 @@ from oracle_torch.losses import output_divergence
 from oracle_torch.recon import bernoulli_from_uniform
 from oracle_torch.sigmoids import ci_pair
 from oracle_torch.train import l0_per_site
-
-
-def eval_draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...]) -> list[DrawSpec]:
-    """The draws one eval batch consumes (only the `stochastic` variant is random)."""
-    bs = tuple(batch_shape)
-    plan = []
-    for s in run.sites:
-        plan.append(DrawSpec(f"eval.{s.name}.source", bs + (s.C,)))
-        if run.cfg.use_delta_component:
-            plan.append(DrawSpec(f"eval.{s.name}.delta", bs))
-        if run.cfg.eval.pgd_steps:
-            plan.append(DrawSpec(f"eval.{s.name}.pgd_init", source_shape(bs, "bsc", n_channels(run.cfg, s.C))))
-    return plan
-
-
-def eval_batch_shape(run: ResolvedRun) -> tuple[int, ...]:
-    B = run.cfg.eval.batch_size
-    if run.cfg.target.kind != "llama":
-        return (B,)
-    T = run.cfg.data.seq_len
-    if T is None:
-        raise ValueError("data.seq_len: required for the llama target")
-    return (B, T)
 
 
 def eval_seed(seed: int, step: int, j: int) -> int:

@@ -13,9 +13,9 @@ import torch
 from contract.backend import NO_PROBE, Probe, nonfinite_metrics
 from contract.draws import DrawSpec, draw_plan
 from contract.metrics import term_key
-from contract.resolve import ResolvedRun
+from contract.resolve import ResolvedRun, persistent_cfg
 from contract.schedules import hparams
-from oracle_torch.adversary import adam_ascent, fresh_pgd_term, persistent_cfg, persistent_pgd_term, persistent_warmup
+from oracle_torch.adversary import adam_ascent, fresh_pgd_term, persistent_pgd_term, persistent_warmup
 from oracle_torch.ci_fn import ci_logits
 from oracle_torch.components import DecomposedModel, inner_act
 from oracle_torch.context import StepContext

@@ -209,9 +209,10 @@ def test_torch_eval_pgd_probe_is_adversarial():
     # guards S88: the probe's loss exceeds the loss at its initial sources, and it is logged
     import torch
 
+    from contract.draws import eval_draw_plan
     from oracle_torch.adversary import source_divergence
     from oracle_torch.context import StepContext
-    from oracle_torch.eval import eval_draw_plan, eval_metrics
+    from oracle_torch.eval import eval_metrics
     run = tms_run([], eval={"every": 1, "batch_size": 16, "pgd_steps": 3, "pgd_step_size": 0.05})
     state, model, batch, _, clean, _ = _torch_setup(run)
     draws = {d.name: torch.rand(d.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

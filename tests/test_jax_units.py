@@ -18,13 +18,12 @@ import numpy as np
 import pytest
 
 from contract.config import parse_config
-from contract.draws import route_from_uniforms as route_ref
+from contract.draws import eval_draw_plan, route_from_uniforms as route_ref
 from contract.resolve import ResolvedRun, resolve_run
 from jax_impl.components import DecomposedModel, SiteMode
 from jax_impl.eval import (
     EVAL_VARIANTS,
     eval_ci,
-    eval_draw_plan,
     eval_key,
     eval_metrics,
     next_token_ce,

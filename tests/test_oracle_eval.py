@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from contract.config import parse_config
+from contract.draws import eval_draw_plan
 from contract.resolve import resolve_run
 from oracle_torch.components import DecomposedModel, SiteMode
-from oracle_torch.eval import EVAL_VARIANTS, eval_ci, eval_draw_plan, eval_metrics, sample_eval_draws
+from oracle_torch.eval import EVAL_VARIANTS, eval_ci, eval_metrics, sample_eval_draws
 from oracle_torch.losses import output_divergence
 from oracle_torch.state import make_state
 from tests.helpers import tms_config
