@@ -65,6 +65,20 @@ class Backend(Protocol):
     name: str  # "torch" | "jax"
     prog: str  # the CLI's program name (progress bar, messages)
     run: ResolvedRun  # resolved, with runtime.dtype set
+    # S113: a run may be several cooperating processes (the oracle's data ranks), each
+    # driving its own backend object through the same loop; `primary` is the one that owns
+    # the run directory (lock, run.json, metrics.jsonl, wandb, progress) -- True in a
+    # one-process run
+    primary: bool
+
+    def agree(self, flag: bool) -> bool:
+        """True in every process of the run when `flag` is True in any (a collective; the
+        flag itself in a one-process run)."""
+        ...
+
+    def barrier(self) -> None:
+        """Wait until every process of the run got here (nothing in a one-process run)."""
+        ...
 
     def new_state(self, init: dict[str, np.ndarray] | None = None) -> Any:
         """The state of step 0 from the initial arrays (flat names, contract/init.py;

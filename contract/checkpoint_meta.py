@@ -78,9 +78,19 @@ def check_format(meta: dict, fmt: str, path: str | Path) -> None:
         raise ValueError(f"checkpoint {path}: unknown format {meta.get('format')!r} (expected {fmt!r})")
 
 
+def computed(config: dict) -> dict:
+    """A resolved config dict without `runtime.mesh`: where a run runs is not what it computes,
+    so a checkpoint resumes on another mesh or number of ranks (S111)."""
+    d = dict(config)
+    if isinstance(d.get("runtime"), dict):
+        d["runtime"] = {k: v for k, v in d["runtime"].items() if k != "mesh"}
+    return d
+
+
 def check_compatible(meta: dict, run: ResolvedRun, dtype_name: str, path: str | Path) -> None:
-    """Refuse a resume under another config, dtype or target (ConfigError with a diff)."""
-    diff = config_diff(meta["config"], run.cfg.to_dict())
+    """Refuse a resume under another config, dtype or target (ConfigError with a diff); the
+    mesh may differ (S111)."""
+    diff = config_diff(computed(meta["config"]), computed(run.cfg.to_dict()))
     if diff:
         raise ConfigError(f"cannot resume from {path}: it was written under a different config "
                           f"(checkpoint -> this run):\n" + "\n".join(diff) +

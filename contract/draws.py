@@ -32,6 +32,7 @@ class DrawSpec:
     name: str
     shape: tuple[int, ...]
     dist: str = "uniform"  # the only primitive; see module doc
+    batched: bool = False  # leading axis = the batch's (data ranks take their rows, S108); else replicated
 
 
 def draw_name(term: int, entry: int, draw: int, leaf: str) -> str:
@@ -43,26 +44,27 @@ def draw_plan(run: ResolvedRun, batch_shape: tuple[int, ...] | None = None) -> l
     cfg = run.cfg
     plan: list[DrawSpec] = []
     if cfg.sampling == "binomial":
-        plan += [DrawSpec(f"binomial.{s.name}", bs + (s.C,)) for s in run.sites]
+        plan += [DrawSpec(f"binomial.{s.name}", bs + (s.C,), batched=True) for s in run.sites]
     for t in run.recon_terms:
         for ei, e in enumerate(t.entries):
             for d in range(e.n_draws):
                 if t.source == "stochastic":
                     for name in e.live:
                         C = run.site(name).C
-                        plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.source"), bs + (C,)))
+                        plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.source"), bs + (C,), batched=True))
                         if cfg.use_delta_component:
-                            plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.delta"), bs))
+                            plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.delta"), bs, batched=True))
                 if t.source == "fresh_pgd":
                     tc = cfg.loss_terms[t.index]
                     assert isinstance(tc, FreshPGDTerm)  # source 'fresh_pgd' <=> a pgd_recon* term (RECON_TERMS)
                     if tc.init == "random":
                         for name in e.live:
                             shape = source_shape(bs, tc.scope, n_channels(cfg, run.site(name).C))
-                            plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.pgd_init"), shape))
+                            plan.append(DrawSpec(draw_name(t.index, ei, d, f"{name}.pgd_init"), shape,
+                                                 batched=tc.scope == "bsc"))
                 if e.routing == "uniform_k":
-                    plan.append(DrawSpec(draw_name(t.index, ei, d, "route_k"), bs))
-                    plan.append(DrawSpec(draw_name(t.index, ei, d, "route_order"), bs + (len(e.live),)))
+                    plan.append(DrawSpec(draw_name(t.index, ei, d, "route_k"), bs, batched=True))
+                    plan.append(DrawSpec(draw_name(t.index, ei, d, "route_order"), bs + (len(e.live),), batched=True))
     return plan
 
 

@@ -2,6 +2,8 @@
 process imports only the framework it runs)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from contract.backend import Backend
 from contract.resolve import ResolvedRun
 
@@ -17,3 +19,17 @@ def make_backend(name: str, run: ResolvedRun) -> Backend:
         from jax_impl.backend import JaxBackend
         return JaxBackend(run)
     raise ValueError(f"backend: {name!r} is not one of {BACKENDS}")
+
+
+def processes_launcher(name: str, run: ResolvedRun) -> Callable[[list[str], str], int] | None:
+    """`launch(argv, prog) -> exit code` when this command must start the run's processes
+    itself (the oracle with runtime.mesh.data N > 1 outside a launcher, S110), else None
+    (this process trains). A half-set launcher environment or a launcher world size other
+    than the config's is refused here (ValueError naming them)."""
+    if name != "torch":
+        return None
+    from oracle_torch.launch import launch, needs_launch
+    n = run.cfg.runtime.mesh.data
+    if not needs_launch(n):
+        return None
+    return lambda argv, prog: launch(n, argv, prog)

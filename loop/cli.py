@@ -192,8 +192,8 @@ def print_summary(summary: dict) -> None:
     print(f"checkpoints: {summary['checkpoint_dir']} (latest: {summary['last_checkpoint']})")
 
 
-def cmd_train(backend: str, args) -> int:
-    from loop.backends import make_backend
+def cmd_train(backend: str, args, argv: list[str]) -> int:
+    from loop.backends import make_backend, processes_launcher
     from loop.train import train
 
     prog = PROGS[backend][0]
@@ -203,6 +203,9 @@ def cmd_train(backend: str, args) -> int:
         phase = "setup"
         try:
             run = runlog.load_run(args.config, args.steps, args.dtype)
+            launch = processes_launcher(backend, run)
+            if launch is not None:  # S110: this command starts the run's processes, each running argv
+                return launch(argv, prog)
             _prepare(backend, run, args)
             be = make_backend(backend, run)
             phase = "train"
@@ -212,7 +215,8 @@ def cmd_train(backend: str, args) -> int:
             return E.EXIT_ABORTED
         except Exception as e:  # noqa: BLE001 - every failure becomes one line and its exit code (S105)
             return _fail(prog, e, args.out, phase)
-        print_summary(summary)
+        if be.primary:
+            print_summary(summary)
         if summary["interrupted"]:
             print(f"interrupted by {summary['signal']} at step {summary['step']}; rerun the same command to resume",
                   file=sys.stderr)
@@ -221,7 +225,8 @@ def cmd_train(backend: str, args) -> int:
 
 
 def main(backend: str, argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser(backend).parse_args(argv)
     if args.command == "train":
-        return cmd_train(backend, args)
+        return cmd_train(backend, args, argv)
     return _error(PROGS[backend][0], f"unknown command {args.command!r}")

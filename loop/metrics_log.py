@@ -46,7 +46,7 @@ def nonfinite_report(step: int, host: dict[str, float], order: dict[str, int]) -
 
 
 class MetricsLog:
-    def __init__(self, path: Path, to_host, order: dict[str, int], wandb_run: Any = None,
+    def __init__(self, path: Path | None, to_host, order: dict[str, int], wandb_run: Any = None,
                  nonfinite: str = "stop", warn: Callable[[str], None] | None = None):
         self.path = path
         self._to_host = to_host
@@ -56,7 +56,7 @@ class MetricsLog:
         self._steps: list[tuple[int, Any, dict]] = []  # (step, finite flag or None, metrics), not yet checked
         self._nonfinite = nonfinite  # guard.nonfinite (S106): "stop" | "skip"
         self._warn = warn
-        self._file = open(path, "a")
+        self._file = open(path, "a") if path is not None else None  # None: check every step, write nothing (S113)
         self.last_train: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self.on_train_line: Callable[[dict[str, float]], None] | None = None  # callback(host train metrics), e.g. the progress bar
@@ -80,7 +80,7 @@ class MetricsLog:
         after writing the lines before the first non-finite step."""
         self._check(before)
         self._write(before)
-        if sync:
+        if sync and self._file is not None:
             os.fsync(self._file.fileno())
 
     def _write(self, before: int | None) -> None:
@@ -88,7 +88,8 @@ class MetricsLog:
         self._pending = [p for p in self._pending if not (before is None or p[0] < before)]
         for k, line in ready:
             host = ordered(self._to_host(line), self._order)
-            self._file.write(json.dumps({"step": k, **host}) + "\n")
+            if self._file is not None:
+                self._file.write(json.dumps({"step": k, **host}) + "\n")
             if self._wandb is not None:
                 self._wandb.log(host, step=k)
             train = {n: v for n, v in host.items() if not n.startswith(("eval/", "warmup/"))}
@@ -99,7 +100,8 @@ class MetricsLog:
             ev = {n: v for n, v in host.items() if n.startswith("eval/")}
             if ev:
                 self.last_eval = ev
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
 
     def _check(self, before: int | None) -> None:
         todo = [s for s in self._steps if before is None or s[0] < before]
@@ -131,4 +133,5 @@ class MetricsLog:
             self._warn(f"warning: skipped the update of {report} (guard.nonfinite: skip; {n} skipped so far{more})")
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()

@@ -19,6 +19,10 @@
   once without saving (S102);
 - batches are `contract.data.batch_for_step(run, seed, k)` and production draws are keyed by
   (seed, step) inside the backend: a resumed run reproduces the uninterrupted one (S60, S50);
+- runs as one process or as several cooperating ones (the oracle's data ranks, S113): each
+  drives its own backend through this same loop; the primary one alone takes the lock, owns
+  run.json, metrics.jsonl, wandb and the progress bar; stop requests are agreed on between
+  steps, so every process stops at the same step and saves the same checkpoint together;
 - guards against divergence (S106): every step's finite flag (lazy for JAX) is queued and
   checked whenever the metrics are flushed (log cadence, one interval late; before every
   checkpoint; at the end); the first non-finite step stops the run (DivergenceError, nothing
@@ -81,11 +85,15 @@ def train(backend: Backend, out_dir: str | Path, resume: bool = True, progress: 
     Before anything in `out_dir` is touched the run takes its lock and checks that it is
     this backend's directory (SPEC S104; RunDirLocked / RunDirError otherwise); the lock is
     held until the run ends, however it ends."""
-    held = rundir.claim(out_dir, backend.name, backend.run.cfg.hash(), fresh=not resume, prog=backend.prog)
+    held = None
+    if backend.primary:  # S113: the other processes of the run wait until the primary holds the directory
+        held = rundir.claim(out_dir, backend.name, backend.run.cfg.hash(), fresh=not resume, prog=backend.prog)
     try:
+        backend.barrier()
         return _train(backend, out_dir, resume, progress, use_wandb)
     finally:
-        held.release()
+        if held is not None:
+            held.release()
 
 
 def _train(backend: Backend, out_dir: str | Path, resume: bool, progress: bool, use_wandb: bool) -> dict:
@@ -108,18 +116,23 @@ def _train(backend: Backend, out_dir: str | Path, resume: bool, progress: bool, 
         start = backend.state_step(state)
     else:
         state, extra, start = backend.new_state(), {}, 0
-    rewrite_metrics(metrics_path, read_metric_lines(metrics_path, start))
+    primary = backend.primary
+    if primary:
+        rewrite_metrics(metrics_path, read_metric_lines(metrics_path, start))
     if ckpt is None:
         state, warm = backend.faithfulness_warmup(state)
         if warm:
             extra["faithfulness_warmup"] = {"steps": len(warm), "first": warm[0], "last": warm[-1]}
 
-    wb = _wandb_start(backend, out) if use_wandb else None
+    wb = _wandb_start(backend, out) if use_wandb and primary else None
     order = metric_order(run, init_state(run).keys())
-    log = MetricsLog(metrics_path, backend.host_metrics, order, wb, nonfinite=cfg.guard.nonfinite,
-                     warn=lambda msg: tqdm.write(f"{backend.prog}: {msg}", file=sys.stderr))
+    # every process checks every step (S106: the same global metrics, the same verdict); the primary writes
+    log = MetricsLog(metrics_path if primary else None, backend.host_metrics, order, wb,
+                     nonfinite=cfg.guard.nonfinite,
+                     warn=(lambda msg: tqdm.write(f"{backend.prog}: {msg}", file=sys.stderr)) if primary else None)
     log.skipped = dict(extra.get(SKIPPED, {}))  # S106: skipped steps travel through the checkpoints
-    pbar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=backend.prog, dynamic_ncols=True)
+    pbar = tqdm(total=cfg.steps, initial=start, disable=not progress or not primary, desc=backend.prog,
+                dynamic_ncols=True)
     log.on_train_line = lambda m: pbar.set_postfix(loss=f"{m['loss/total']:.4g}", refresh=False)
     ck_every, ev_every = cfg.checkpoint.every, cfg.eval.every
     saved_at = start if ckpt is not None else None
@@ -143,9 +156,13 @@ def _train(backend: Backend, out_dir: str | Path, resume: bool, progress: bool, 
         return path
 
     k = start
+    interrupted = False
     try:
         with StopRequested(backend.prog) as stop:
-            while k < cfg.steps and not stop:
+            while k < cfg.steps:
+                if backend.agree(bool(stop)):  # S113: every process stops before the same step
+                    interrupted = True
+                    break
                 line: dict = {}
                 if ev_every and k % ev_every == 0:
                     line |= backend.evaluate(state, k)
@@ -165,13 +182,12 @@ def _train(backend: Backend, out_dir: str | Path, resume: bool, progress: bool, 
                 pbar.update(1)
                 if ck_every and k % ck_every == 0 and k < cfg.steps:
                     last_ckpt, saved_at = save(k), k
-            interrupted = bool(stop)
             if not interrupted and ev_every:
                 log.add(cfg.steps, backend.evaluate(state, cfg.steps))
             log.flush()
             if saved_at != k:
                 last_ckpt, saved_at = save(k), k
-            if log.skipped:  # S106: the count, whatever the warnings' rate limit left out
+            if log.skipped and primary:  # S106: the count, whatever the warnings' rate limit left out
                 sk = log.skipped
                 tqdm.write(f"{backend.prog}: warning: {sk['count']} training step(s) had a non-finite loss or gradient "
                            f"and were skipped (guard.nonfinite: skip; first step {sk['first']}, last step {sk['last']})",
@@ -192,7 +208,7 @@ def _train(backend: Backend, out_dir: str | Path, resume: bool, progress: bool, 
         "step": k,
         "steps": cfg.steps,
         "interrupted": interrupted,
-        "signal": stop.name,
+        "signal": stop.name if stop.name or not interrupted else "SIGTERM",  # a process stopped by another's signal
         "final_metrics": log.last_train,
         "final_eval": log.last_eval,
         "metrics_path": str(metrics_path),
@@ -218,7 +234,7 @@ def _resume_from(backend: Backend, out: Path) -> tuple[Path | None, tuple | None
         except CheckpointError as e:
             skipped.append((ck, e))
             continue
-        for bad, e in skipped:
+        for bad, e in skipped if backend.primary else []:
             print(f"{backend.prog}: warning: {_why(bad, e)}; resuming from {ck.name}", file=sys.stderr, flush=True)
         return ck, loaded
     if skipped:

@@ -12,15 +12,16 @@ from contract.draws import draw_name
 from contract.resolve import ReconTerm, fresh_cfg, persistent_cfg
 from oracle_torch.components import SiteMode
 from oracle_torch.context import StepContext
-from oracle_torch.losses import output_divergence, summed
+from oracle_torch.losses import summed
 from oracle_torch.recon import route_from_uniforms
 
 
-def expand_rows(src: torch.Tensor, batch_rows: int, scope: str) -> torch.Tensor:
-    """S83: under scope nsc, batch row b uses source row b mod n; other scopes broadcast."""
+def expand_rows(ctx: StepContext, src: torch.Tensor, scope: str) -> torch.Tensor:
+    """S83: under scope nsc, batch row b (of the global batch, S108) uses source row b mod n;
+    other scopes broadcast."""
     if scope != "nsc":
         return src
-    return src[torch.arange(batch_rows) % src.shape[0]]
+    return src[ctx.ranks.row_ids(ctx.batch.shape[0]) % src.shape[0]]
 
 
 def source_modes(ctx: StepContext, live, ci: dict, srcs: dict, routes, scope: str) -> dict[str, SiteMode]:
@@ -28,7 +29,7 @@ def source_modes(ctx: StepContext, live, ci: dict, srcs: dict, routes, scope: st
     modes = {}
     for j, name in enumerate(live):
         C = ctx.run.site(name).C
-        src = expand_rows(srcs[name], ctx.batch.shape[0], scope)
+        src = expand_rows(ctx, srcs[name], scope)
         mask = ci[name] + (1 - ci[name]) * src[..., :C]
         dm = src[..., C] if ctx.run.cfg.use_delta_component else None
         modes[name] = SiteMode(mask, dm, None if routes is None else routes[..., j])
@@ -47,7 +48,13 @@ def entry_routes(term: ReconTerm, ei: int, draws: dict, probe: Probe = NO_PROBE)
 def source_divergence(ctx: StepContext, live, ci: dict, srcs: dict, routes, scope: str):
     """(D, output) of one forward with the given sources."""
     out = ctx.model.masked_forward(ctx.batch, source_modes(ctx, live, ci, srcs, routes, scope))
-    return output_divergence(ctx.run.cfg.output_loss, out, ctx.clean), out
+    return ctx.divergence(out), out
+
+
+def source_grads(ctx: StepContext, d: torch.Tensor, leaves: dict, scope: str, retain_graph: bool = False) -> list:
+    """d(d)/d(source) for each source leaf: the global gradient on every rank (S109)."""
+    grads = torch.autograd.grad(d, list(leaves.values()), retain_graph=retain_graph)
+    return [ctx.ranks.source_grad(g, scope == "bsc") for g in grads]
 
 
 # ------------------------------------------------------------------ fresh PGD
@@ -66,7 +73,7 @@ def sign_ascent(ctx: StepContext, live, ci_det: dict, srcs: dict, routes, scope:
     for _ in range(n_steps):
         leaves = {n: s.detach().requires_grad_(True) for n, s in srcs.items()}
         d, _ = source_divergence(ctx, live, ci_det, leaves, routes, scope)
-        grads = torch.autograd.grad(d, list(leaves.values()))
+        grads = source_grads(ctx, d, leaves, scope)
         srcs = {n: (leaves[n].detach() + step_size * torch.sign(g)).clamp(0.0, 1.0)
                 for n, g in zip(leaves, grads, strict=True)}
     return srcs
@@ -123,7 +130,7 @@ def persistent_warmup(ctx: StepContext, term: ReconTerm, ci_det: dict, srcs: dic
     for _ in range(tc.n_warmup):
         leaves = {n: s.detach().requires_grad_(True) for n, s in srcs.items()}
         d, _ = source_divergence(ctx, ctx.run.site_names, ci_det, leaves, None, tc.scope)
-        grads = dict(zip(leaves, torch.autograd.grad(d, list(leaves.values())), strict=True))
+        grads = dict(zip(leaves, source_grads(ctx, d, leaves, tc.scope), strict=True))
         adam_ascent(srcs, grads, opt, lr, tc.optimizer)
 
 

@@ -11,7 +11,7 @@ from contract.draws import draw_name
 from contract.resolve import ReconTerm, ResolvedRun
 from oracle_torch.components import SiteMode
 from oracle_torch.context import StepContext
-from oracle_torch.losses import output_divergence, summed
+from oracle_torch.losses import summed
 
 
 def route_from_uniforms(route_k: torch.Tensor, route_order: torch.Tensor) -> torch.Tensor:
@@ -80,6 +80,6 @@ def recon_term(ctx: StepContext, term: ReconTerm, ci_lower: dict, draws: dict,
                     probe.put(f"route.{tag}", routes_of(modes, e.live))
                 for name, m in modes.items():
                     probe.put(f"mask.{tag}.{name}", m.mask)
-            total = total + output_divergence(ctx.run.cfg.output_loss, out, ctx.clean)
+            total = total + ctx.divergence(out)
             n += 1
     return summed(total, f"loss_terms.{term.index}: the forwards of its entries") / n

@@ -2,18 +2,26 @@
 
 `TrainState` holds everything a checkpoint must restore: the trainable tensors by flat name
 (`components.*`, `ci_fn.*`, contract/init.py), one AdamW per group, the persistent-PGD
-sources with their ascent state, and the step counter."""
+sources with their ascent state, and the step counter.
+
+On N data ranks (S108) the trainable tensors live in one `Trainable` module sharded by FSDP2
+(`fully_shard` over a 1-D CPU device mesh): `params` are then DTensors sharded on dim 0, their
+AdamW moments too, and a forward through `state.module` gathers them whole. Shared-scope
+persistent sources are replicated on every rank; per-position (`bsc`) ones hold this rank's
+rows of the global batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from contract.config import OptimizerConfig
 from contract.init import init_state
-from contract.resolve import ResolvedRun
+from contract.resolve import ResolvedRun, persistent_cfg
 from oracle_torch.adversary import init_source_opt
+from oracle_torch.ranks import ONE, Ranks
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -37,9 +45,33 @@ class TrainState:
     # persistent PGD (S82-S84): bundle -> {site: source}, bundle -> {"m", "v", "t"}
     sources: dict = field(default_factory=dict)
     source_opt: dict = field(default_factory=dict)
+    ranks: Ranks = ONE
+    module: Trainable | None = None  # the FSDP2-sharded home of `params` on N ranks (S108), else None
+    row_sharded: frozenset[str] = frozenset()  # bundles whose sources hold this rank's batch rows (N ranks, bsc)
 
     def group(self, prefix: str) -> list[str]:
         return [n for n in self.params if n.startswith(prefix)]
+
+
+class Trainable(nn.Module):
+    """The trainable tensors as one module, the unit FSDP2 shards (S108). `forward(fn, ...)`
+    calls `fn(params, ...)` with the whole tensors by flat name: FSDP2 gathers them before and
+    reduce-scatters their gradients after the backward."""
+
+    def __init__(self, params: dict[str, nn.Parameter]):
+        super().__init__()
+        self.names = list(params)
+        self.tensors = nn.ParameterDict({_key(n): p for n, p in params.items()})
+
+    def params(self) -> dict[str, nn.Parameter]:
+        return {n: self.tensors[_key(n)] for n in self.names}
+
+    def forward(self, fn, *args):
+        return fn(self.params(), *args)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "/")  # a module's parameter names hold no dots
 
 
 def make_params(arrays: dict[str, np.ndarray], dtype) -> dict[str, torch.nn.Parameter]:
@@ -52,17 +84,35 @@ def _adamw(params: list, oc: OptimizerConfig) -> torch.optim.AdamW:
                              weight_decay=oc.weight_decay, foreach=False)
 
 
-def make_state(run: ResolvedRun, arrays: dict[str, np.ndarray] | None, dtype) -> TrainState:
-    """The state of step 0 from `arrays` (flat names, contract/init.py; None = `init_state(run)`)."""
-    if run.cfg.runtime.mesh.data != 1:
-        raise ValueError("runtime.mesh.data: the oracle trains in one process (its FSDP2 path is not "
-                         "implemented); use runtime.mesh.data: 1 — the JAX trainer shards over a mesh")
+def per_position(run: ResolvedRun, bundle: str) -> bool:
+    """Whether a persistent bundle's sources are per position (`bsc`: sharded with the batch)."""
+    return persistent_cfg(run, next(t for t in run.recon_terms if t.bundle == bundle)).scope == "bsc"
+
+
+def make_state(run: ResolvedRun, arrays: dict[str, np.ndarray] | None, dtype, ranks: Ranks = ONE) -> TrainState:
+    """The state of step 0 from `arrays` (flat names, contract/init.py; None = `init_state(run)`),
+    whole tensors; on N ranks sharded here (S108)."""
     arrays = init_state(run) if arrays is None else arrays
     params = make_params({n: a for n, a in arrays.items() if not n.startswith("sources.")}, dtype)
+    module = None
+    if ranks.sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        module = Trainable(params)
+        fully_shard(module, mesh=init_device_mesh("cpu", (ranks.world,)), reshard_after_forward=True)
+        params = module.params()  # fully_shard replaced them by sharded DTensor parameters
     comp = [p for n, p in params.items() if n.startswith("components.")]
     ci = [p for n, p in params.items() if n.startswith("ci_fn.")]
     o = run.cfg.optim
-    sources = {t.bundle: {s.name: torch.tensor(arrays[f"sources.{t.bundle}.{s.name}"], dtype=dtype) for s in run.sites}
-               for t in run.recon_terms if t.source == "persistent_pgd"}
+    sources, row_sharded = {}, set()
+    for t in run.recon_terms:
+        if t.source == "persistent_pgd":
+            rows = slice(None)
+            if ranks.sharded and per_position(run, t.bundle):
+                rows = ranks.rows(run.cfg.batch_size)
+                row_sharded.add(t.bundle)
+            sources[t.bundle] = {s.name: torch.tensor(arrays[f"sources.{t.bundle}.{s.name}"][rows], dtype=dtype)
+                                 for s in run.sites}
     return TrainState(params, _adamw(comp, o.components), _adamw(ci, o.ci_fn),
-                      sources=sources, source_opt={b: init_source_opt(v) for b, v in sources.items()})
+                      sources=sources, source_opt={b: init_source_opt(v) for b, v in sources.items()},
+                      ranks=ranks, module=module, row_sharded=frozenset(row_sharded))

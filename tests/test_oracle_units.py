@@ -215,7 +215,7 @@ def test_faithfulness_warmup_only_touches_components(tmp_path):
     state = make_state(run, None, F64)
     model = DecomposedModel(run, state.params, F64)
     before = {n: p.detach().clone() for n, p in state.params.items()}
-    losses = faithfulness_warmup(run, model, state.params)
+    losses = faithfulness_warmup(run, model, state)
     assert len(losses) == 5 and losses[-1] < losses[0]
     for n, p in state.params.items():
         changed = not torch.equal(p.detach(), before[n])

@@ -1,0 +1,49 @@
+"""`python -m oracle_torch.cli train CONFIG ...` with `runtime.mesh.data: N` (SPEC S110): a
+thin wrapper that starts the N ranks on this machine through torch's own launcher
+(`torch.distributed.run`, i.e. torchrun --standalone), each running the same command line.
+Under a launcher already (RANK, WORLD_SIZE, ... set) the process is one of the ranks and
+nothing is started here.
+
+When a rank fails, torchrun stops the others at once (no rank waits for a dead peer); the
+wrapper then names the rank that failed first and exits with its exit code (or 128 + the
+signal that killed it), after the rank's own one-line error."""
+from __future__ import annotations
+
+import os
+import sys
+
+from oracle_torch.ranks import check_launch_env
+
+
+def needs_launch(n: int) -> bool:
+    """Whether the ranks of a run with runtime.mesh.data `n` must be started here."""
+    return n > 1 and not check_launch_env(n)
+
+
+def launch(n: int, argv: list[str], prog: str) -> int:
+    """Run `python -m oracle_torch.cli *argv` as `n` local ranks; the exit code of the run."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several ranks, without its warning
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={n}", "--max-restarts=0",
+                                         "--monitor-interval=0.2", "-m", "oracle_torch.cli", *argv])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, code = first_failure(e.failures)
+        how = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
+        print(f"{prog}: error: rank {rank} of {n} failed ({how}); the run stopped on every rank "
+              f"(its error is above; rerun the same command to resume from the last checkpoint)", file=sys.stderr)
+        return code if code > 0 else 128 - code
+    return 0
+
+
+def first_failure(failures: dict) -> tuple[int, int]:
+    """(rank, exit code) of the rank that failed first: one that exited with an error before
+    one that the launcher stopped (negative: killed by a signal), earliest, lowest rank."""
+    def order(item):
+        rank, f = item
+        return (f.exitcode <= 0, f.timestamp, rank)
+    rank, f = min(failures.items(), key=order)
+    return rank, f.exitcode
