@@ -266,6 +266,11 @@ class MeshConfig(Strict):
 class RuntimeConfig(Strict):
     dtype: Literal["float32", "float64", "bf16"] = "float32"
     mesh: MeshConfig = MeshConfig()
+    # where a training step's draws come from (S50, S131): `device` — each backend samples the
+    # plan itself (torch generator / jax.random; the two streams differ); `contract` — both
+    # take them from the host-side plan `contract.draws.sample_numpy(draw_plan(run), seed, step)`,
+    # as the parity harness feeds them, so a run continues on the other framework (parity/migrate.py)
+    draws: Literal["device", "contract"] = "device"
 
 
 class GuardConfig(Strict):
@@ -302,6 +307,8 @@ class RunConfig(Strict):
         d = self.model_dump(mode="json")
         if self.guard == GuardConfig():  # S106: the default guard is left out, so every config, hash and
             del d["guard"]  # checkpoint written before the field existed stays the same
+        if self.runtime.draws == "device":  # S131: likewise the default draws
+            del d["runtime"]["draws"]
         return d
 
     def hash(self) -> str:

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from contract.backend import Probe
 from contract.checkpoint_meta import read_meta
+from contract.draws import draw_plan, sample_numpy
 from contract.metrics import term_key
 from contract.resolve import ResolvedRun
 from jax_impl import checkpoint as ckpt
@@ -55,6 +56,8 @@ class JaxBackend:
 
     def train_step(self, state: TrainState, step: int, batch: np.ndarray, draws: dict | None = None,
                    probe: Probe | None = None) -> tuple[TrainState, dict]:
+        if draws is None and self.run.cfg.runtime.draws == "contract":  # S131: the host-side plan, as parity feeds it
+            draws = sample_numpy(draw_plan(self.run), self.run.cfg.seed, step)
         if draws is None:
             if probe is not None:
                 raise ValueError("train_step: a probe needs explicit draws (the production step records nothing)")

@@ -61,6 +61,9 @@ class OracleBackend:
                    probe: Probe | None = None) -> tuple[TrainState, dict]:
         if state.step != step:
             raise ValueError(f"train_step: the state is at step {state.step}, asked to run step {step}")
+        if draws is None and self.run.cfg.runtime.draws == "contract":  # S131: the host-side plan, as parity feeds it
+            from contract.draws import draw_plan, sample_numpy
+            draws = sample_numpy(draw_plan(self.run), self.run.cfg.seed, step)
         d = draws_for_step(self.run, step, self.dtype) if draws is None else self.draws(draws)
         p = self.pins(probe)
         metrics = train_step(self.run, self.model(state), state, self.batch(batch), d, p)

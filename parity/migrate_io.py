@@ -1,0 +1,195 @@
+"""Checkpoint readers for the migration and its verifier: one small adapter per checkpoint
+format — open a checkpoint, list its leaves (name -> shape, dtype, from the headers only),
+load ONE leaf by name — so a leaf pair is compared without holding either tree (S133).
+
+    reader = open_checkpoint(path)        # verifies the digest (S107), picks the adapter by meta.json "format"
+    reader.leaves()                        # {name: LeafInfo}
+    reader.load(name)                      # one numpy array
+    reader.close()
+
+Adapters (`READERS`, keyed by the `format` a checkpoint's meta.json names):
+- `SafetensorsReader` — the oracle's one-process checkpoint (`state.safetensors`); leaf names
+  are the oracle's flat names; `safe_open` per leaf (a memory map held only while that one
+  leaf is read, so touched pages do not pile up in the resident set);
+- `OrbaxReader` — the JAX checkpoint (orbax item `state`); leaf names are tree paths `a/b/c`
+  from the item's metadata; a leaf is a partial restore of that single array as numpy.
+
+Another format (the oracle's FSDP2 / DCP sharded checkpoint) plugs in as one more class with
+the same four members, registered under its format string, with `family` "torch" when its
+leaf names are the oracle's flat names (then the link table applies unchanged)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from contract import checkpoint_digest as cd
+from contract.errors import CheckpointError
+from parity.migrate_map import JAX, TORCH, MigrationError
+
+ORACLE_FORMAT = "vpd-torch-oracle-checkpoint/1"  # oracle_torch/checkpoint.py FORMAT
+JAX_FORMAT = "vpd-jax-checkpoint/1"  # jax_impl/checkpoint.py FORMAT
+ORACLE_STATE_FILE = "state.safetensors"
+JAX_STATE_ITEM = "state"
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32", "I16": "int16",
+              "I8": "int8", "U8": "uint8", "BOOL": "bool", "BF16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class LeafInfo:
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name ("float64", "int32", ...)
+
+
+class CheckpointReader(Protocol):
+    family: str  # "torch" | "jax": whose leaf names (parity/migrate_map.py Link.torch / Link.jax)
+    fmt: str
+    path: Path
+    meta: dict
+
+    def leaves(self) -> dict[str, LeafInfo]: ...
+
+    def load(self, name: str) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+def read_meta_json(path: Path) -> dict:
+    m = path / cd.META_FILE
+    if not m.is_file():
+        raise MigrationError(f"{path}: no {cd.META_FILE} (not a checkpoint directory .../checkpoints/step_XXXXXXXX)")
+    try:
+        meta = json.loads(m.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise MigrationError(f"{m}: unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict):
+        raise MigrationError(f"{m}: not a JSON object")
+    return meta
+
+
+class SafetensorsReader:
+    family = TORCH
+    legacy_files = (ORACLE_STATE_FILE,)
+
+    def __init__(self, path: Path, meta: dict):
+        from safetensors import safe_open
+
+        self.path, self.meta, self.fmt = path, meta, ORACLE_FORMAT
+        self.file = path / ORACLE_STATE_FILE
+        self._leaves: dict[str, LeafInfo] = {}
+        try:
+            with safe_open(str(self.file), framework="np") as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    dt = str(sl.get_dtype())
+                    self._leaves[k] = LeafInfo(tuple(sl.get_shape()), _ST_DTYPES.get(dt, dt))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"checkpoint {path}: {ORACLE_STATE_FILE} unreadable ({type(e).__name__}: {e})") from None
+
+    def leaves(self) -> dict[str, LeafInfo]:
+        return dict(self._leaves)
+
+    def load(self, name: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        if name not in self._leaves:
+            raise MigrationError(f"{self.file}: no leaf {name!r}")
+        try:
+            with safe_open(str(self.file), framework="np") as h:
+                return np.array(h.get_tensor(name), copy=True)
+        except Exception as e:
+            raise CheckpointError(f"{self.file}: leaf {name!r} unreadable ({type(e).__name__}: {e})") from None
+
+    def close(self) -> None:
+        pass
+
+
+def _keystr(k) -> str:
+    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+
+
+class OrbaxReader:
+    family = JAX
+    legacy_files = (JAX_STATE_ITEM,)
+
+    def __init__(self, path: Path, meta: dict):
+        import jax
+        import orbax.checkpoint as ocp
+
+        self.path, self.meta, self.fmt = path, meta, JAX_FORMAT
+        self.item = (path / JAX_STATE_ITEM).resolve()
+        self._ocp, self._ck = ocp, ocp.PyTreeCheckpointer()
+        try:
+            md = self._ck.metadata(self.item)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types
+            raise CheckpointError(f"checkpoint {path}: orbax item '{JAX_STATE_ITEM}' unreadable ({type(e).__name__}: {e})") from None
+        tree = getattr(md, "item_metadata", md)
+        self._tree = getattr(tree, "tree", tree)
+        self._keys: dict[str, tuple] = {}
+        self._leaves: dict[str, LeafInfo] = {}
+        for kp, v in jax.tree_util.tree_flatten_with_path(self._tree, is_leaf=lambda x: x is None)[0]:
+            if v is None:
+                continue  # optax's EmptyState entries (no array)
+            keys = tuple(_keystr(k) for k in kp)
+            name = "/".join(keys)
+            self._keys[name] = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in kp)
+            self._leaves[name] = LeafInfo(tuple(int(s) for s in v.shape), str(np.dtype(v.dtype)))
+
+    def leaves(self) -> dict[str, LeafInfo]:
+        return dict(self._leaves)
+
+    def _partial(self, keys: tuple, leaf):
+        """The nested structure holding only `leaf` at `keys` (lists keep their length, with None elsewhere)."""
+        def build(node, ks):
+            if not ks:
+                return leaf
+            k, rest = ks[0], ks[1:]
+            if isinstance(node, list | tuple):
+                out = [None] * len(node)
+                out[k] = build(node[k], rest)
+                return out
+            return {k: build(node[k], rest)}
+        return build(self._tree, keys)
+
+    def load(self, name: str) -> np.ndarray:
+        if name not in self._keys:
+            raise MigrationError(f"{self.item}: no leaf {name!r}")
+        keys = self._keys[name]
+        ocp = self._ocp
+        item = self._partial(keys, 0)
+        args = self._partial(keys, ocp.RestoreArgs(restore_type=np.ndarray))
+        try:
+            out = self._ck.restore(self.item, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{self.item}: leaf {name!r} unreadable ({type(e).__name__}: {e})") from None
+        for k in keys:
+            out = out[k]
+        return np.asarray(out)
+
+    def close(self) -> None:
+        self._ck.close()
+
+
+READERS: dict[str, type] = {ORACLE_FORMAT: SafetensorsReader, JAX_FORMAT: OrbaxReader}
+
+
+def open_checkpoint(path: str | Path, verify: bool = True) -> CheckpointReader:
+    """The reader of the checkpoint directory `path`: its meta.json names the format, the
+    digest is checked first (S107: a missing, truncated or altered file is a CheckpointError
+    naming it), then the adapter of that format opens it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MigrationError(f"{path}: not a checkpoint directory (expected .../checkpoints/step_XXXXXXXX)")
+    meta = read_meta_json(path)
+    fmt = meta.get("format")
+    if fmt not in READERS:
+        raise MigrationError(f"{path / cd.META_FILE}: format {fmt!r} is not a checkpoint format this tool reads "
+                             f"(known: {', '.join(sorted(READERS))})")
+    cls = READERS[fmt]
+    if verify:
+        cd.verify_checkpoint(path, cls.legacy_files)
+        meta = read_meta_json(path)  # the verified bytes
+    return cls(path, meta)
