@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from contract.adversary import bundle_of, check_adversaries
 from contract.config import RECON_TERMS, ChunkwiseSubsetRecon, ConfigError, FreshPGDTerm, PersistentPGDTerm, RunConfig
-from contract.targets import ModuleInfo, load_target_meta, module_table
+from contract.seeded_targets import ensure_weights
+from contract.targets import ModuleInfo, load_target_meta, module_table, resolve_path
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def build_entries(plan: str, names: tuple[str, ...], n_draws: int, sites_per_chu
 
 
 def resolve_run(cfg: RunConfig) -> ResolvedRun:
+    ensure_weights(resolve_path(cfg.target.weights))  # a seeded target is made on first use (S120)
     meta = load_target_meta(cfg.target.weights)
     if meta["kind"] != cfg.target.kind:
         raise ConfigError(f"target.kind: config says {cfg.target.kind!r} but {cfg.target.weights} holds a {meta['kind']!r} target")

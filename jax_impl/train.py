@@ -325,6 +325,14 @@ class Stepper:
             probe.record.update(record)
         return state, metrics
 
+    def lower_key_step(self, state: TrainState, batch, step: int):
+        """The production step lowered for these arguments (XLA's cost and memory analyses,
+        scripts/benchmark.py); nothing runs, nothing is donated."""
+        if self.placement is not None:
+            batch = self.placement.put(batch)
+        key = prng_key(self.run.cfg.seed, self.run.cfg.runtime.mesh.data)
+        return self._key.lower(state, self.model.frozen, batch, key, self.hp(step))
+
     def step_with_key(self, state: TrainState, batch, step: int):
         if self.placement is not None:
             batch = self.placement.put(batch)

@@ -1,26 +1,45 @@
-"""Benchmark the JAX trainer against the torch oracle (not a test).
+"""Throughput of both trainers against this machine's own matmul peak (not a test; S122).
 
-    .venv/bin/python scripts/benchmark.py [--steps N] [--rounds R] [--configs tms_5-2 resid_mlp1 tiny_llama]
-                                          [--warmup W] [--torch-threads T] [--json OUT]
+    .venv/bin/python scripts/benchmark.py [--configs NAME ...] [--steps N] [--rounds K] [--warmup W]
+                                          [--json FILE] [--plot FILE.png] [--sweep C sites seq | --sweep none]
+                                          [--sweep-config NAME] [--sweep-steps N] [--torch-threads T]
 
-For each config, in ONE process, both backends built with `loop.backends.make_backend` and
-driven through the backend interface only: steady-state training steps per second of
-`backend.train_step(state, k, batch)` on the production path (draws None: JAX samples them
-inside the jitted step from fold_in(prng_key(seed), step), the oracle from a torch generator),
-JAX timed with block_until_ready on the state and metrics; plus the JAX compile time (first
-call = trace + compile + one step). Both run the config's own shapes in float32 from the same
-initial state; numpy batches are made beforehand for both (the data stream is shared code, not
-part of either trainer's step; their conversion to the framework is, as in the training loop).
-The faithfulness warmup is skipped (it is not part of the steady state). The two are timed in
-alternating rounds (a JAX block, then an oracle block, R times, each round continuing the
-step count) so a slow spell of a noisy machine hits both; the table gives the best round of
-each, their ratio JAX / oracle, and the range of the per-round ratios.
+ONE process measures, in K interleaved rounds (so a slow spell of a shared machine hits every
+measurement alike): the machine's float32 matmul peak (square GEMMs of 1024 and 2048 through
+XLA and through torch, the best of three each), then for every config (default: every
+configs/*.yaml) a block of N steps of the JAX step and a block of N steps of the oracle step.
+Both backends come from `loop.backends.make_backend` and are driven through the backend
+interface (`train_step(state, k, batch)`, the production path: draws sampled inside the
+step), in float32 from the same initial state on numpy batches made beforehand; the
+faithfulness warmup is skipped. A backend's steps/s is its best round.
+
+Per config and trainer it prints steps/s, tokens/s (positions per step × steps/s; a toy
+target's position is one batch row), the model FLOPs of one step (`contract/flops.py`, S121,
+the same count for both trainers), achieved FLOP/s (model FLOPs × steps/s), MFU = achieved /
+measured peak, the compile time (the first step: trace + compile + one step for JAX, the
+first step for the oracle), the peak RSS while that trainer stepped (the process's VmHWM,
+reset before each of its blocks; the process holds every backend, so this is the whole
+process's resident peak), and for JAX XLA's memory analysis of the compiled step. Then the
+cross-check of the analytic count against XLA's cost analysis of the compiled JAX step: the
+dot FLOPs of the optimised HLO, XLA's FLOPs before and after optimisation (which count
+elementwise work too, after optimisation once per fused use) and its bytes accessed.
+
+Then (JAX only, unless `--sweep none`) how step time grows on `--sweep-config` (default
+llama_scaled) with C (every site's C × 1/4, 1/2, 1, 2), with the number of live sites (the
+first 1/4, 1/2, 3/4, all of the expanded sites) and with the sequence length (32 to 256, a
+llama only); printed with the log-log slope between the two largest points, and drawn in
+`--plot` (default benchmark_scaling.png) beside the growth of the analytic FLOPs.
+
+`--json FILE` writes `{"peak_flops": F, "configs": {name: {"jax": {...}, "oracle": {...}}}}`,
+each with `steps_per_s`, `model_flops_per_step`, `mfu` (a fraction), `compile_s`, `peak_rss_mb`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,18 +48,100 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-DEFAULT_CONFIGS = ("tms_5-2", "resid_mlp1", "tiny_llama")
+SWEEP_AXES = ("C", "sites", "seq")
+C_FACTORS = (0.25, 0.5, 1.0, 2.0)
+SITE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+SEQ_LENS = (32, 64, 128, 256)
 
 
-def load(name: str, steps: int):
-    from contract.config import parse_config
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+
+
+def config_dict(name: str, steps: int) -> dict:
     from contract.config_file import load_config
-    from contract.resolve import resolve_run
 
-    d = load_config(REPO / "configs" / f"{name}.yaml").to_dict()
+    path = REPO / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"benchmark: --configs: no config {path} (shipped: {', '.join(shipped_configs())})")
+    d = load_config(path).to_dict()
     d["runtime"]["dtype"] = "float32"
     d["steps"] = max(d["steps"], steps)  # schedules stay those of a real run
+    return d
+
+
+def resolve(d: dict, name: str):
+    from contract.config import parse_config
+    from contract.resolve import resolve_run
+
     return resolve_run(parse_config(d, name))
+
+
+def sweep_config(d: dict, axis: str, value: float, site_list: list[tuple[str, int]]) -> dict:
+    """`d` with one scaling knob set: axis 'C' multiplies every site's C by `value`; 'sites'
+    keeps the first `value` sites of `site_list` (the expanded (module, C) list, each as an
+    exact pattern); 'seq' sets data.seq_len to `value`."""
+    d = json.loads(json.dumps(d))
+    if axis == "C":
+        d["sites"] = [{**s, "C": max(1, round(s["C"] * value))} for s in d["sites"]]
+    elif axis == "sites":
+        d["sites"] = [{"pattern": n, "C": c} for n, c in site_list[:int(value)]]
+        chunks = [t for t in d["loss_terms"] if "sites_per_chunk" in t]
+        for t in chunks:
+            t["sites_per_chunk"] = min(t["sites_per_chunk"], int(value))
+    elif axis == "seq":
+        d["data"]["seq_len"] = int(value)
+    else:
+        raise ValueError(f"sweep axis {axis!r} (one of {', '.join(SWEEP_AXES)})")
+    return d
+
+
+# ---------------------------------------------------------------- measurements
+def peak_rss_reset() -> bool:
+    """Reset the process's peak RSS (Linux: `5` to /proc/self/clear_refs). False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """The process's peak RSS since the last reset (VmHWM), else since start (ru_maxrss)."""
+    try:
+        m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+        if m:
+            return int(m.group(1)) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gemm_peak(reps: int = 3) -> dict[str, float]:
+    """Best FLOP/s of square float32 GEMMs (1024, 2048) through XLA and through torch."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    out = {"xla": 0.0, "torch": 0.0}
+    mm = jax.jit(jnp.matmul)
+    for n in (1024, 2048):
+        a = np.random.default_rng(n).standard_normal((n, n), dtype=np.float32)
+        ja, jb = jnp.asarray(a), jnp.asarray(a.T.copy())
+        ta, tb = torch.from_numpy(a), torch.from_numpy(a.T.copy())
+        mm(ja, jb).block_until_ready()
+        torch.matmul(ta, tb)
+        for _ in range(reps):
+            t = time.perf_counter()
+            mm(ja, jb).block_until_ready()
+            out["xla"] = max(out["xla"], 2 * n**3 / (time.perf_counter() - t))
+            t = time.perf_counter()
+            torch.matmul(ta, tb)
+            out["torch"] = max(out["torch"], 2 * n**3 / (time.perf_counter() - t))
+    return out
 
 
 class Bench:
@@ -52,88 +153,214 @@ class Bench:
         self.name, self.batches = name, batches
         self.backend = make_backend(name, run)
         self.state = self.backend.new_state()
-        t = time.perf_counter()
-        self.block([0])
-        self.compile_s = time.perf_counter() - t  # JAX: trace + compile + one step
+        self.rss = 0.0
+        self.compile_s = self.block([0])  # JAX: trace + compile + one step; oracle: its first step
 
     def block(self, ks) -> float:
+        reset = peak_rss_reset()
         t = time.perf_counter()
         for k in ks:
             self.state, self.m = self.backend.train_step(self.state, k, self.batches[k])
         if self.name == "jax":
             import jax
             jax.block_until_ready((self.state, self.m))
-        return time.perf_counter() - t
+        dt = time.perf_counter() - t
+        self.rss = max(self.rss, peak_rss_mb()) if reset else peak_rss_mb()
+        return dt
 
     def loss(self) -> float:
         return self.backend.host_metrics(self.m)["loss/total"]
 
 
-def bench(run, batches: list, warmup: int, rounds: int, steps: int, threads: int | None) -> dict:
-    """Warm both up, then `rounds` rounds of (a JAX block, an oracle block) of `steps` steps each,
-    alternating, so slow spells of a noisy machine hit both (round r runs the same step numbers
-    on both). Steps/s per backend is the best round; the ratio is also given per round (its
-    median is the robust one)."""
-    import torch
+def build(name: str, n_steps: int, with_cost: bool = True) -> dict:
+    """A config's run, batches, both benches, the analytic FLOPs and XLA's cost of the JAX step."""
+    from contract.data import batch_for_step
+    from contract.flops import step_flops
 
-    if threads:
-        torch.set_num_threads(threads)
+    run = resolve(config_dict(name, n_steps), name)
+    batches = [batch_for_step(run, run.cfg.seed, k) for k in range(n_steps)]
+    print(f"[{name}] building and compiling both trainers ...", file=sys.stderr, flush=True)
     j, o = Bench("jax", run, batches), Bench("torch", run, batches)
-    ks = list(range(1, 1 + warmup))
-    j.block(ks)
-    o.block(ks)
-    tj, to = [], []
-    for r in range(rounds):
-        timed = list(range(1 + warmup + r * steps, 1 + warmup + (r + 1) * steps))
-        tj.append(j.block(timed))
-        to.append(o.block(timed))
-    n = steps
-    ratios = sorted(b / a for a, b in zip(tj, to, strict=True))
-    return {"jax": {"compile_s": j.compile_s, "steps": n, "seconds": tj, "steps_per_s": n / min(tj), "loss": j.loss()},
-            "oracle": {"steps": n, "seconds": to, "steps_per_s": n / min(to), "loss": o.loss(),
-                       "threads": torch.get_num_threads()},
-            "ratio": (n / min(tj)) / (n / min(to)), "ratio_per_round": ratios,
-            "ratio_median": ratios[len(ratios) // 2]}
+    from jax_impl.cost import step_cost  # XLA's cost of the compiled JAX step: a JAX-only diagnostic
+
+    cost = step_cost(j.backend, j.state, 0, batches[0]) if with_cost else {}
+    return {"name": name, "run": run, "jax": j, "oracle": o, "flops": step_flops(run),
+            "positions": math.prod(run.batch_shape), "cost": cost, "t": {"jax": [], "oracle": []}}
 
 
+def sweep(name: str, axes: list[str], steps: int, warmup: int) -> list[dict]:
+    """JAX step time at every point of every axis (module doc), best of two blocks."""
+    from contract.data import batch_for_step
+    from contract.flops import step_flops
+
+    n_steps = 1 + warmup + 2 * steps
+    base = config_dict(name, n_steps)
+    run0 = resolve(base, name)
+    site_list = [(s.name, s.C) for s in run0.sites]
+    n = len(site_list)
+    points = {"C": C_FACTORS, "sites": sorted({max(1, round(f * n)) for f in SITE_FRACTIONS}), "seq": SEQ_LENS}
+    out = []
+    for axis in axes:
+        if axis == "seq" and run0.cfg.target.kind != "llama":
+            print(f"[sweep] {name} has no sequence axis; seq skipped", file=sys.stderr)
+            continue
+        for v in points[axis]:
+            run = resolve(sweep_config(base, axis, v, site_list), f"{name} ({axis}={v})")
+            batches = [batch_for_step(run, run.cfg.seed, k) for k in range(n_steps)]
+            print(f"[sweep] {name} {axis}={v} ...", file=sys.stderr, flush=True)
+            b = Bench("jax", run, batches)
+            b.block(range(1, 1 + warmup))
+            ts = [b.block(range(1 + warmup + r * steps, 1 + warmup + (r + 1) * steps)) for r in range(2)]
+            out.append({"axis": axis, "value": v, "ms_per_step": min(ts) / steps * 1e3,
+                        "model_flops_per_step": step_flops(run).total, "compile_s": b.compile_s})
+            b.backend.close()
+            del b
+    return out
+
+
+def loglog_slope(rows: list[dict], key: str) -> float:
+    """d log(key) / d log(value) between the two largest points of one axis."""
+    a, b = sorted(rows, key=lambda r: r["value"])[-2:]
+    return math.log(b[key] / a[key]) / math.log(b["value"] / a["value"])
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes = [a for a in SWEEP_AXES if any(r["axis"] == a for r in rows)]
+    fig, axs = plt.subplots(1, len(axes), figsize=(4.2 * len(axes), 3.6), squeeze=False)
+    labels = {"C": "C multiplier (every site)", "sites": "live sites", "seq": "sequence length"}
+    for ax, a in zip(axs[0], axes, strict=True):
+        rs = sorted((r for r in rows if r["axis"] == a), key=lambda r: r["value"])
+        x = [r["value"] for r in rs]
+        t = [r["ms_per_step"] for r in rs]
+        ref = rs[-1]
+        f = [ref["ms_per_step"] * r["model_flops_per_step"] / ref["model_flops_per_step"] for r in rs]
+        lin = [ref["ms_per_step"] * v / ref["value"] for v in x]
+        ax.loglog(x, t, "o-", label="JAX step (measured)")
+        ax.loglog(x, f, "s--", label="∝ model FLOPs")
+        ax.loglog(x, lin, ":", color="gray", label="linear")
+        ax.set_xlabel(labels[a])
+        ax.set_ylabel("ms / step")
+        ax.set_title(f"slope {loglog_slope(rs, 'ms_per_step'):.2f} (FLOPs {loglog_slope(rs, 'model_flops_per_step'):.2f})",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/benchmark.py", description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per round, backend and config")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating (JAX, oracle) timing rounds")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compile) step")
-    ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="config names under configs/")
-    ap.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--configs", nargs="+", default=None, help="config names under configs/ (default: all)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round, trainer and config")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (peak GEMM, then each config's JAX and oracle block)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compile) step")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--sweep", nargs="+", default=list(SWEEP_AXES), choices=[*SWEEP_AXES, "none"],
+                    help="scaling curves of the JAX step to measure (none: skip)")
+    ap.add_argument("--sweep-config", default="llama_scaled", help="the config the scaling curves vary")
+    ap.add_argument("--sweep-steps", type=int, default=3, help="timed steps per sweep point (best of 2 blocks)")
+    ap.add_argument("--plot", default="benchmark_scaling.png", help="PNG of the scaling curves")
+    ap.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0 or args.sweep_steps < 1:
+        ap.error("--steps, --rounds and --sweep-steps must be >= 1, --warmup >= 0")
+    if "none" in args.sweep and len(args.sweep) > 1:
+        ap.error("--sweep none takes no other axis")
+    names = args.configs or shipped_configs()
 
     import jax
+    import torch
 
-    from contract.data import batch_for_step
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    n_steps = 1 + args.warmup + args.rounds * args.steps
+    benches = [build(n, n_steps) for n in names]
+    for b in benches:
+        ks = list(range(1, 1 + args.warmup))
+        b["jax"].block(ks)
+        b["oracle"].block(ks)
+    peaks: dict[str, float] = {"xla": 0.0, "torch": 0.0}
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}: peak GEMM, then " + ", ".join(names), file=sys.stderr, flush=True)
+        for k, v in gemm_peak().items():
+            peaks[k] = max(peaks[k], v)
+        timed = range(1 + args.warmup + r * args.steps, 1 + args.warmup + (r + 1) * args.steps)
+        for b in benches:
+            for who in ("jax", "oracle"):
+                b["t"][who].append(b[who].block(timed))
+    peak = max(peaks.values())
 
-    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
-        ap.error("--steps and --rounds must be >= 1, --warmup >= 0")
-    rows = []
-    for name in args.configs:
-        n_steps = 1 + args.warmup + args.rounds * args.steps
-        run = load(name, n_steps)
-        batches = [batch_for_step(run, run.cfg.seed, k) for k in range(n_steps)]
-        print(f"[{name}] JAX and oracle, {args.rounds} alternating rounds ...", file=sys.stderr, flush=True)
-        rows.append({"config": name, **bench(run, batches, args.warmup, args.rounds, args.steps, args.torch_threads)})
-
+    results: dict = {"peak_flops": peak, "configs": {}}
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\nsteady-state training steps/s, float32: best of {args.rounds} alternating rounds of {args.steps} steps "
-          f"after {args.warmup} warm-up steps; cpu count {os.cpu_count()}, load avg {load1:.2f}, "
-          f"jax {jax.__version__} ({jax.default_backend()}), torch threads {rows[0]['oracle']['threads'] if rows else '-'}")
-    hdr = (f"{'config':<14} {'JAX steps/s':>12} {'oracle steps/s':>15} {'JAX/oracle':>11} "
-           f"{'per round (min-max)':>20} {'JAX compile s':>14}")
+    print(f"\nfloat32, best of {args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps; "
+          f"cpu count {os.cpu_count()}, load avg {load1:.2f}, jax {jax.__version__} ({jax.default_backend()}), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"measured matmul peak (float32 GEMM 1024/2048, best): XLA {peaks['xla'] / 1e9:.1f} GFLOP/s, "
+          f"torch {peaks['torch'] / 1e9:.1f} GFLOP/s -> peak {peak / 1e9:.1f} GFLOP/s\n")
+    hdr = (f"{'config':<13} {'trainer':<7} {'steps/s':>8} {'tokens/s':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} "
+           f"{'MFU':>6} {'compile s':>9} {'peak RSS MB':>11} {'XLA MB':>7} {'JAX/oracle':>10}")
     print(hdr)
     print("-" * len(hdr))
-    for r in rows:
-        rr = r["ratio_per_round"]
-        print(f"{r['config']:<14} {r['jax']['steps_per_s']:>12.2f} {r['oracle']['steps_per_s']:>15.2f} "
-              f"{r['ratio']:>10.2f}x {f'{rr[0]:.2f}-{rr[-1]:.2f}x':>20} {r['jax']['compile_s']:>14.1f}")
+    for b in benches:
+        flops = b["flops"].total
+        row = {}
+        sps = {w: args.steps / min(b["t"][w]) for w in ("jax", "oracle")}
+        ratios = sorted(o / j for j, o in zip(b["t"]["jax"], b["t"]["oracle"], strict=True))
+        for who in ("jax", "oracle"):
+            bench = b[who]
+            row[who] = {"steps_per_s": sps[who], "model_flops_per_step": flops, "mfu": flops * sps[who] / peak,
+                        "compile_s": bench.compile_s, "peak_rss_mb": bench.rss}
+            xla = f"{b['cost']['peak'] / 2**20:7.0f}" if who == "jax" and b["cost"] else f"{'-':>7}"
+            ratio = f"{sps['jax'] / sps['oracle']:5.2f}x {ratios[0]:.2f}-{ratios[-1]:.2f}" if who == "jax" else ""
+            print(f"{b['name'] if who == 'jax' else '':<13} {who:<7} {sps[who]:8.2f} {sps[who] * b['positions']:9.0f} "
+                  f"{flops / 1e9:10.3f} {flops * sps[who] / 1e9:8.1f} {100 * row[who]['mfu']:5.1f}% "
+                  f"{bench.compile_s:9.1f} {bench.rss:11.0f} {xla} {ratio:>10}")
+        results["configs"][b["name"]] = row
+    print("\n(JAX/oracle: ratio of the best rounds, then the range of the per-round ratios)")
+
+    print("\nanalytic model FLOPs vs XLA's cost analysis of the compiled JAX step (GFLOP/step)")
+    hdr = (f"{'config':<13} {'analytic':>9} {'XLA dots':>9} {'dots/an.':>8} {'XLA unopt':>9} {'XLA opt':>9} "
+           f"{'GB accessed':>11} {'FLOP/byte':>9}  analytic parts (GFLOP, fwd+bwd)")
+    print(hdr)
+    print("-" * len(hdr))
+    for b in benches:
+        c, f = b["cost"], b["flops"]
+        parts = ", ".join(f"{k} {v.total / 1e9:.3g}" for k, v in f.parts.items())
+        if not c:
+            print(f"{b['name']:<13} {f.total / 1e9:9.3f}  (no XLA cost)  {parts}")
+            continue
+        print(f"{b['name']:<13} {f.total / 1e9:9.3f} {c['dot_flops'] / 1e9:9.3f} {c['dot_flops'] / f.total:8.3f} "
+              f"{c['flops_unoptimised'] / 1e9:9.3f} {c['flops'] / 1e9:9.3f} {c['bytes_accessed'] / 1e9:11.3f} "
+              f"{c['flops'] / max(c['bytes_accessed'], 1):9.1f}  {parts}")
+
+    if args.sweep != ["none"]:
+        rows = sweep(args.sweep_config, args.sweep, args.sweep_steps, 1)
+        print(f"\nJAX step time vs scale on {args.sweep_config} (best of 2 blocks of {args.sweep_steps} steps)")
+        print(f"{'axis':<6} {'value':>6} {'ms/step':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'MFU':>6} {'compile s':>9}")
+        for r in rows:
+            gfs = r["model_flops_per_step"] / r["ms_per_step"] * 1e3
+            print(f"{r['axis']:<6} {r['value']:>6g} {r['ms_per_step']:9.1f} {r['model_flops_per_step'] / 1e9:10.3f} "
+                  f"{gfs / 1e9:8.1f} {100 * gfs / peak:5.1f}% {r['compile_s']:9.1f}")
+        for a in SWEEP_AXES:
+            rs = [r for r in rows if r["axis"] == a]
+            if len(rs) >= 2:
+                print(f"  {a}: log-log slope of step time {loglog_slope(rs, 'ms_per_step'):.2f} "
+                      f"(model FLOPs {loglog_slope(rs, 'model_flops_per_step'):.2f}) between the two largest points")
+        if rows:
+            plot(rows, args.plot, f"JAX step time vs scale, {args.sweep_config} (float32, {os.cpu_count()} cores)")
+            print(f"scaling curves: {args.plot}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    for b in benches:
+        for who in ("jax", "oracle"):
+            b[who].backend.close()
     return 0
 
 
