@@ -9,8 +9,9 @@ load ONE leaf by name — so a leaf pair is compared without holding either tree
 
 Adapters (`READERS`, keyed by the `format` a checkpoint's meta.json names):
 - `SafetensorsReader` — the oracle's one-process checkpoint (`state.safetensors`); leaf names
-  are the oracle's flat names; `safe_open` per leaf (a memory map held only while that one
-  leaf is read, so touched pages do not pile up in the resident set);
+  are the oracle's flat names; the safetensors header lists them, a leaf is read from its
+  byte range straight into its own array (no memory map, so the resident set grows by that
+  leaf alone);
 - `OrbaxReader` — the JAX checkpoint (orbax item `state`); leaf names are tree paths `a/b/c`
   from the item's metadata; a leaf is a partial restore of that single array as numpy.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -75,33 +76,50 @@ class SafetensorsReader:
     legacy_files = (ORACLE_STATE_FILE,)
 
     def __init__(self, path: Path, meta: dict):
-        from safetensors import safe_open
-
         self.path, self.meta, self.fmt = path, meta, ORACLE_FORMAT
         self.file = path / ORACLE_STATE_FILE
         self._leaves: dict[str, LeafInfo] = {}
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (file offset, bytes)
         try:
-            with safe_open(str(self.file), framework="np") as h:
-                for k in h.keys():
-                    sl = h.get_slice(k)
-                    dt = str(sl.get_dtype())
-                    self._leaves[k] = LeafInfo(tuple(sl.get_shape()), _ST_DTYPES.get(dt, dt))
-        except Exception as e:  # safetensors raises its own error types
+            size = self.file.stat().st_size
+            with open(self.file, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n <= size - 8:
+                    raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
+                header = json.loads(fh.read(n))
+            for k, v in header.items():
+                if k == "__metadata__":
+                    continue
+                dt, shape, (lo, hi) = str(v["dtype"]), tuple(int(x) for x in v["shape"]), v["data_offsets"]
+                if not 0 <= lo <= hi <= size - 8 - n:
+                    raise ValueError(f"tensor {k!r} lies past the end of the file")
+                self._leaves[k] = LeafInfo(shape, _ST_DTYPES.get(dt, dt))
+                self._where[k] = (8 + n + lo, hi - lo)
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {path}: {ORACLE_STATE_FILE} unreadable ({type(e).__name__}: {e})") from None
 
     def leaves(self) -> dict[str, LeafInfo]:
         return dict(self._leaves)
 
     def load(self, name: str) -> np.ndarray:
-        from safetensors import safe_open
-
+        """One tensor, read straight into its own array (no memory map: the resident set
+        grows by that tensor alone)."""
         if name not in self._leaves:
             raise MigrationError(f"{self.file}: no leaf {name!r}")
+        info, (off, nbytes) = self._leaves[name], self._where[name]
         try:
-            with safe_open(str(self.file), framework="np") as h:
-                return np.array(h.get_tensor(name), copy=True)
-        except Exception as e:
+            dt = np.dtype(info.dtype)
+            out = np.empty(info.shape, dtype=dt)
+            if out.nbytes != nbytes:
+                raise ValueError(f"{nbytes} bytes stored for {info.dtype} {list(info.shape)}")
+            if nbytes:
+                with open(self.file, "rb") as fh:
+                    fh.seek(off)
+                    if fh.readinto(cast(Any, out.reshape(-1).view(np.uint8))) != nbytes:
+                        raise ValueError("file ends inside the tensor")
+        except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(f"{self.file}: leaf {name!r} unreadable ({type(e).__name__}: {e})") from None
+        return out
 
     def close(self) -> None:
         pass
