@@ -30,6 +30,13 @@ from jax_impl.train import Stepper, faithfulness_warmup, forward_terms
 class JaxBackend:
     name = "jax"
     prog = "vpd-train"
+    primary = True  # one process (S113)
+
+    def agree(self, flag: bool) -> bool:
+        return flag
+
+    def barrier(self) -> None:
+        pass
 
     def __init__(self, run: ResolvedRun):
         self.run = run

@@ -156,5 +156,8 @@ def join(n: int) -> Ranks:
 
 
 def leave() -> None:
+    """Leave the process group: every rank first (a rank that tears its connections down
+    while a peer still talks to it aborts that peer)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

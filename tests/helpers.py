@@ -96,6 +96,13 @@ class HookedBackend:
                  after: Callable[[int], None] | None = None):
         self._backend, self._before, self._after = backend, before, after
         self.name, self.prog, self.run = backend.name, backend.prog, backend.run
+        self.primary = backend.primary
+
+    def agree(self, flag):
+        return self._backend.agree(flag)
+
+    def barrier(self):
+        self._backend.barrier()
 
     def __getattr__(self, name):
         return getattr(self._backend, name)
