@@ -11,9 +11,55 @@ _DEF = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]")
 _DOT = re.compile(r"\s*(?:ROOT )?%[\w.\-]+ = \w+\[([\d,]*)\]\S* dot\(([^)]*)\).*?lhs_contracting_dims=\{([\d,]*)\}")
 
 
+_COMP = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
+
+
+def op_dot_flops(hlo_text: str) -> dict[str, float]:
+    """{instruction name: its matmul FLOPs} over an HLO module's text: a `dot` counts
+    2 · (output elements) · (contracted size), a fusion the dots of the computation it calls;
+    every other instruction 0 (absent)."""
+    shapes: dict[str, list[int]] = {}
+    for line in hlo_text.splitlines():
+        m = _DEF.match(line)
+        if m:
+            shapes[m.group(1)] = [int(x) for x in m.group(2).split(",") if x]
+    per_comp: dict[str, float] = {}
+    own: dict[str, float] = {}
+    calls: dict[str, str] = {}
+    comp = ""
+    for line in hlo_text.splitlines():
+        c = _COMP.match(line)
+        if c and line.rstrip().endswith("{"):
+            comp = c.group(1)
+            continue
+        d = _DEF.match(line)
+        if d is None:
+            continue
+        name = d.group(1)
+        if " dot(" in line:
+            m = _DOT.match(line)
+            if m is None:
+                raise ValueError(f"op_dot_flops: cannot read the dot {line.strip()[:160]!r}")
+            out = [int(x) for x in m.group(1).split(",") if x]
+            lhs = shapes[m.group(2).split(",")[0].strip().split(" ")[-1].lstrip("%")]
+            f = 2.0 * math.prod(out) * math.prod(lhs[int(x)] for x in m.group(3).split(",") if x)
+            own[name] = f
+            per_comp[comp] = per_comp.get(comp, 0.0) + f
+        elif " fusion(" in line:
+            k = _CALLS.search(line)
+            if k:
+                calls[name] = k.group(1)
+    out = dict(own)
+    for name, callee in calls.items():
+        if per_comp.get(callee):
+            out[name] = per_comp[callee]
+    return out
+
+
 def hlo_dot_flops(hlo_text: str) -> float:
-    """2 · (output elements) · (contracted size) summed over every `dot` of an HLO module's
-    text (fused computations included): the matmul FLOPs the program runs."""
+    """The matmul FLOPs an HLO module runs: 2 · (output elements) · (contracted size) summed
+    over every `dot` of its text (fused computations included)."""
     shapes = {}
     for line in hlo_text.splitlines():
         m = _DEF.match(line)

@@ -16,7 +16,8 @@ faithfulness warmup is skipped. A backend's steps/s is its best round.
 Per config and trainer it prints steps/s, tokens/s (positions per step × steps/s; a toy
 target's position is one batch row), the model FLOPs of one step (`contract/flops.py`, S121,
 the same count for both trainers), achieved FLOP/s (model FLOPs × steps/s), MFU = achieved /
-measured peak, the compile time (the first step: trace + compile + one step for JAX, the
+measured peak (and CPU-MFU: model FLOPs per CPU-second of the process against the per-core
+peak, which other load on a shared machine does not lower), the compile time (the first step: trace + compile + one step for JAX, the
 first step for the oracle), the peak RSS while that trainer stepped (the process's VmHWM,
 reset before each of its blocks; the process holds every backend, so this is the whole
 process's resident peak), and for JAX XLA's memory analysis of the compiled step. Then the
@@ -154,17 +155,20 @@ class Bench:
         self.backend = make_backend(name, run)
         self.state = self.backend.new_state()
         self.rss = 0.0
+        self.cpu: list[float] = []  # process CPU seconds of each timed block
         self.compile_s = self.block([0])  # JAX: trace + compile + one step; oracle: its first step
+        self.cpu.clear()
 
     def block(self, ks) -> float:
         reset = peak_rss_reset()
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         for k in ks:
             self.state, self.m = self.backend.train_step(self.state, k, self.batches[k])
         if self.name == "jax":
             import jax
             jax.block_until_ready((self.state, self.m))
         dt = time.perf_counter() - t
+        self.cpu.append(time.process_time() - c)
         self.rss = max(self.rss, peak_rss_mb()) if reset else peak_rss_mb()
         return dt
 
@@ -185,7 +189,8 @@ def build(name: str, n_steps: int, with_cost: bool = True) -> dict:
 
     cost = step_cost(j.backend, j.state, 0, batches[0]) if with_cost else {}
     return {"name": name, "run": run, "jax": j, "oracle": o, "flops": step_flops(run),
-            "positions": math.prod(run.batch_shape), "cost": cost, "t": {"jax": [], "oracle": []}}
+            "positions": math.prod(run.batch_shape), "cost": cost, "t": {"jax": [], "oracle": []},
+            "cpu": {"jax": [], "oracle": []}}
 
 
 def sweep(name: str, axes: list[str], steps: int, warmup: int) -> list[dict]:
@@ -294,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         timed = range(1 + args.warmup + r * args.steps, 1 + args.warmup + (r + 1) * args.steps)
         for b in benches:
             for who in ("jax", "oracle"):
+                b[who].cpu.clear()  # only the timed blocks' CPU time is kept (`cpu_best`)
                 b["t"][who].append(b[who].block(timed))
+                b["cpu"][who].append(b[who].cpu[-1])
     peak = max(peaks.values())
 
     results: dict = {"peak_flops": peak, "configs": {}}
@@ -305,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"measured matmul peak (float32 GEMM 1024/2048, best): XLA {peaks['xla'] / 1e9:.1f} GFLOP/s, "
           f"torch {peaks['torch'] / 1e9:.1f} GFLOP/s -> peak {peak / 1e9:.1f} GFLOP/s\n")
     hdr = (f"{'config':<13} {'trainer':<7} {'steps/s':>8} {'tokens/s':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} "
-           f"{'MFU':>6} {'compile s':>9} {'peak RSS MB':>11} {'XLA MB':>7} {'JAX/oracle':>10}")
+           f"{'MFU':>6} {'CPU-MFU':>7} {'compile s':>9} {'peak RSS MB':>11} {'XLA MB':>7} {'JAX/oracle':>10}")
     print(hdr)
     print("-" * len(hdr))
     for b in benches:
@@ -318,12 +325,17 @@ def main(argv: list[str] | None = None) -> int:
             row[who] = {"steps_per_s": sps[who], "model_flops_per_step": flops, "mfu": flops * sps[who] / peak,
                         "compile_s": bench.compile_s, "peak_rss_mb": bench.rss}
             xla = f"{b['cost']['peak'] / 2**20:7.0f}" if who == "jax" and b["cost"] else f"{'-':>7}"
+            # model FLOPs per CPU-second of the process against the per-core peak: robust to
+            # other load on a shared machine (spin-waiting threads count as busy: a lower bound)
+            cpu_mfu = flops * args.steps / min(b["cpu"][who]) / (peak / (os.cpu_count() or 1))
             ratio = f"{sps['jax'] / sps['oracle']:5.2f}x {ratios[0]:.2f}-{ratios[-1]:.2f}" if who == "jax" else ""
             print(f"{b['name'] if who == 'jax' else '':<13} {who:<7} {sps[who]:8.2f} {sps[who] * b['positions']:9.0f} "
-                  f"{flops / 1e9:10.3f} {flops * sps[who] / 1e9:8.1f} {100 * row[who]['mfu']:5.1f}% "
+                  f"{flops / 1e9:10.3f} {flops * sps[who] / 1e9:8.1f} {100 * row[who]['mfu']:5.1f}% {100 * cpu_mfu:6.1f}% "
                   f"{bench.compile_s:9.1f} {bench.rss:11.0f} {xla} {ratio:>10}")
         results["configs"][b["name"]] = row
-    print("\n(JAX/oracle: ratio of the best rounds, then the range of the per-round ratios)")
+    print("\n(MFU = model FLOPs x steps/s / measured peak; CPU-MFU = model FLOPs per CPU-second of the process "
+          "(best block) / (peak / cores), which other load on the machine does not lower; JAX/oracle: ratio of the "
+          "best rounds, then the range of the per-round ratios)")
 
     print("\nanalytic model FLOPs vs XLA's cost analysis of the compiled JAX step (GFLOP/step)")
     hdr = (f"{'config':<13} {'analytic':>9} {'XLA dots':>9} {'dots/an.':>8} {'XLA unopt':>9} {'XLA opt':>9} "

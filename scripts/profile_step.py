@@ -8,7 +8,9 @@ reads the compiled step's HLO from XLA's own dump (`--xla_dump_to`, the module w
 instructions the trace ran), then prints the wall time per step, the summed op time per step, and
 the op time grouped by XLA op kind (`ynn_fusion` = matmuls through YNNPACK, `dot` = Eigen
 matmuls, `copy_*` = layout copies, other `*_fusion` = elementwise loops), by kind and
-output shape, and the slowest single ops with their HLO metadata. Per-op times overlap when
+output shape, and the slowest single ops with their HLO metadata. Matmul ops also show their
+FLOPs (from the HLO's dots, jax_impl/cost.py) and the GFLOP/s they ran at, and one line sums
+the matmul time and rate against everything else. Per-op times overlap when
 XLA runs ops concurrently; pin one core (`taskset -c 0 ...`) to read them as a budget.
 """
 from __future__ import annotations
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from contract.data import batch_for_step
         from contract.runlog import load_run
+        from jax_impl.cost import op_dot_flops
         from loop.backends import make_backend
 
         run = load_run(str(path), dtype=args.dtype)
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 jax.block_until_ready((state, m))
                 wall = (time.perf_counter() - t) / args.steps * 1e3
             agg = op_times(tmp)
-        ops = hlo_ops(step_hlo(dump_dir, set(agg)))
+        text = step_hlo(dump_dir, set(agg))
+        ops, flops_of = hlo_ops(text), op_dot_flops(text)
     finally:
         shutil.rmtree(dump_dir, ignore_errors=True)
 
@@ -122,19 +126,36 @@ def main(argv: list[str] | None = None) -> int:
     by_kind: collections.Counter[str] = collections.Counter()
     count: collections.Counter[str] = collections.Counter()
     by_shape: collections.Counter[tuple[str, str]] = collections.Counter()
+    gf_kind: collections.Counter[str] = collections.Counter()
+    gf_shape: collections.Counter[tuple[str, str]] = collections.Counter()
     for name, ms in per_step.items():
         kind = re.sub(r"\.\d+$", "", name)
+        shape = ops.get(name, ("?", ""))[0]
         by_kind[kind] += ms
         count[kind] += 1
-        by_shape[(kind, ops.get(name, ("?", ""))[0])] += ms
-    print(f"{args.config} ({args.dtype}): wall {wall:.1f} ms/step, summed op time {sum(per_step.values()):.1f} ms/step, "
+        by_shape[(kind, shape)] += ms
+        gf_kind[kind] += flops_of.get(name, 0.0) / 1e9
+        gf_shape[(kind, shape)] += flops_of.get(name, 0.0) / 1e9
+
+    def rate(gf: float, ms: float) -> str:  # achieved GFLOP/s of matmul ops; blank for the others
+        return f"{gf / ms * 1e3:8.1f}" if gf and ms else f"{'':8}"
+
+    mm_ms = sum(ms for name, ms in per_step.items() if flops_of.get(name))
+    mm_gf = sum(flops_of.get(name, 0.0) for name in per_step) / 1e9
+    total_ms = sum(per_step.values())
+    print(f"{args.config} ({args.dtype}): wall {wall:.1f} ms/step, summed op time {total_ms:.1f} ms/step, "
           f"{len(per_step)} ops, cpu count {os.cpu_count()}")
-    print(f"\n{'ms/step':>8} {'ops':>5}  op kind")
+    print(f"matmul ops (dots, fusions holding dots): {mm_ms:.1f} ms/step ({100 * mm_ms / max(total_ms, 1e-9):.0f}%) for "
+          f"{mm_gf:.3f} GFLOP = {mm_gf / max(mm_ms, 1e-9) * 1e3:.1f} GFLOP/s; every other op {total_ms - mm_ms:.1f} ms/step")
+    print(f"\n{'ms/step':>8} {'ops':>5} {'GFLOP':>8} {'GFLOP/s':>8}  op kind")
     for kind, ms in by_kind.most_common(args.top):
-        print(f"{ms:8.2f} {count[kind]:5d}  {kind}")
-    print(f"\n{'ms/step':>8}  op kind, output type")
+        gf = gf_kind[kind]
+        print(f"{ms:8.2f} {count[kind]:5d} {gf:8.3f} {rate(gf, ms)}  {kind}" if gf else
+              f"{ms:8.2f} {count[kind]:5d} {'':8} {'':8}  {kind}")
+    print(f"\n{'ms/step':>8} {'GFLOP':>8} {'GFLOP/s':>8}  op kind, output type")
     for (kind, shape), ms in by_shape.most_common(args.top):
-        print(f"{ms:8.2f}  {kind:<28} {shape}")
+        gf = gf_shape[(kind, shape)]
+        print(f"{ms:8.2f} {gf:8.3f} {rate(gf, ms)}  {kind:<28} {shape}" if gf else f"{ms:8.2f} {'':8} {'':8}  {kind:<28} {shape}")
     print(f"\n{'ms/step':>8}  slowest ops (HLO name, output type, source op)")
     for name, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[:args.top]:
         shape, src = ops.get(name, ("?", ""))
