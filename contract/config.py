@@ -271,6 +271,10 @@ class RuntimeConfig(Strict):
     # take them from the host-side plan `contract.draws.sample_numpy(draw_plan(run), seed, step)`,
     # as the parity harness feeds them, so a run continues on the other framework (parity/migrate.py)
     draws: Literal["device", "contract"] = "device"
+    # S144: rematerialise the training step's masked forwards in the backward (jax.checkpoint
+    # with this named policy; JAX only): less memory held between forward and backward, more
+    # compute. `off` (default, left out of the config's dict and hash)
+    remat: Literal["off", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "off"
 
 
 class GuardConfig(Strict):
@@ -309,6 +313,8 @@ class RunConfig(Strict):
             del d["guard"]  # checkpoint written before the field existed stays the same
         if self.runtime.draws == "device":  # S131: likewise the default draws
             del d["runtime"]["draws"]
+        if self.runtime.remat == "off":  # S144: likewise the default memory option
+            del d["runtime"]["remat"]
         return d
 
     def hash(self) -> str:

@@ -116,8 +116,11 @@ def resolve_run(cfg: RunConfig) -> ResolvedRun:
     names = tuple(s.name for s in sites)
 
     # ---- cross-field checks (both backends call this) ----
-    if cfg.runtime.mesh.components != 1:
-        raise ConfigError("runtime.mesh.components: sharding components over C is not implemented (use 1)")
+    K = cfg.runtime.mesh.components  # S140: every site's C is split evenly over the components axis
+    for s in sites:
+        if s.C % K:
+            raise ConfigError(f"runtime.mesh.components: site {s.name!r} has C = {s.C}, not divisible by "
+                              f"runtime.mesh.components = {K}; choose a K that divides every site's C")
     if cfg.batch_size % cfg.runtime.mesh.data:
         raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by runtime.mesh.data ({cfg.runtime.mesh.data})")
     if cfg.eval.batch_size % cfg.runtime.mesh.data:

@@ -4,7 +4,11 @@
 Built once per run: the model (frozen weights on the device), the jitted step (`Stepper`)
 and the jitted eval (`Evaluator`). Reuse one backend object to train the same run twice in
 a process (a resume, a rerun) without recompiling. Metrics stay device arrays until
-`host_metrics` (the loop pulls them one log interval late, so the device never waits)."""
+`host_metrics` (the loop pulls them one log interval late, so the device never waits).
+
+A run may be several processes (jax.distributed, jax_impl/launch.py; S113, S146): each
+builds this backend over the global mesh; process 0 is the primary; `agree` and `barrier`
+are collectives over every process."""
 from __future__ import annotations
 
 import platform
@@ -23,43 +27,51 @@ from contract.resolve import ResolvedRun
 from jax_impl import checkpoint as ckpt
 from jax_impl.components import DecomposedModel
 from jax_impl.eval import Evaluator, eval_ci, to_jax_batch
-from jax_impl.state import TrainState, jax_dtype, make_state
+from jax_impl.mesh import check_layout
+from jax_impl.state import TrainState, abstract_tree, jax_dtype, make_state
 from jax_impl.train import Stepper, faithfulness_warmup, forward_terms
 
 
 class JaxBackend:
     name = "jax"
     prog = "vpd-train"
-    primary = True  # one process (S113)
 
     def agree(self, flag: bool) -> bool:
-        return flag
+        if jax.process_count() == 1:
+            return flag
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
     def barrier(self) -> None:
-        pass
+        ckpt.sync("vpd-barrier")
 
     def __init__(self, run: ResolvedRun):
         self.run = run
+        self.primary = jax.process_index() == 0  # S113: process 0 owns the run directory (True with one process)
         self.dtype = jax_dtype(run.cfg.runtime.dtype)
         self.model = DecomposedModel(run, self.dtype)
         self.stepper = Stepper(run, self.model, self.dtype)
         self.evaluator = Evaluator(run, self.model, self.dtype)
+        if self.stepper.placement is not None:
+            self.evaluator.on_mesh(self.stepper.placement)
         self._terms = None
         self._managers: dict[Path, ocp.CheckpointManager] = {}
 
     # ------------------------------------------------------------ state and step
     def new_state(self, init: dict[str, np.ndarray] | None = None) -> TrainState:
-        return make_state(self.run, init, self.dtype)
+        m = self.run.cfg.runtime.mesh  # S145: a state the mesh cannot lay out is refused, sizes named
+        check_layout(self.run, abstract_tree(self.run, self.dtype), m.data, m.components)
+        return self.stepper.place_state(make_state(self.run, init, self.dtype))
 
     def state_step(self, state: TrainState) -> int:
         return int(jax.device_get(state.step))
 
     def faithfulness_warmup(self, state: TrainState) -> tuple[TrainState, list[float]]:
         params, losses = faithfulness_warmup(self.run, self.model, state.params)
-        return state.replace(params=params), losses
+        return self.stepper.place_state(state.replace(params=params)), losses
 
     def batch(self, b: np.ndarray):
-        return to_jax_batch(b, self.dtype)
+        return self.stepper.put_batch(to_jax_batch(b, self.dtype))
 
     def train_step(self, state: TrainState, step: int, batch: np.ndarray, draws: dict | None = None,
                    probe: Probe | None = None) -> tuple[TrainState, dict]:
@@ -129,14 +141,14 @@ class JaxBackend:
         return {k: float(got[k]) if k in got else float(v) for k, v in metrics.items()}
 
     def export_state(self, state: TrainState) -> dict[str, np.ndarray]:
-        tree = jax.device_get(state.to_tree())
+        tree = jax.tree.map(_host, state.to_tree())
         return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
     def nonfinite_leaf(self, state: TrainState) -> str | None:
         # S106: one device reduction per floating leaf, one transfer of the verdicts
         named = [(_leaf_name(path), x) for path, x in jax.tree_util.tree_leaves_with_path(state.to_tree())
                  if jnp.issubdtype(x.dtype, jnp.inexact)]
-        ok = jax.device_get(_all_finite([x for _, x in named]))
+        ok = _host(_all_finite([x for _, x in named]))
         return next((n for (n, _), f in zip(named, ok, strict=True) if not f), None)
 
     # ------------------------------------------------------------ checkpoints
@@ -153,7 +165,8 @@ class JaxBackend:
         return ckpt.latest_checkpoint(out_dir)
 
     def load_checkpoint(self, path: Path) -> tuple[TrainState, dict]:
-        state = ckpt.load_checkpoint(path, self.run, self.dtype)  # verifies the digest first
+        sh = self.stepper.state_shardings  # S145: restored onto this run's mesh, whatever mesh wrote it
+        state = ckpt.load_checkpoint(path, self.run, self.dtype, None if sh is None else sh.to_tree())  # digest first
         return state, dict(read_meta(path).get("extra") or {})
 
     def save_checkpoint(self, out_dir: Path, state: TrainState, step: int, extra: dict) -> Path:
@@ -171,7 +184,9 @@ class JaxBackend:
 
     def describe(self) -> dict:
         return {"backend": self.name, "dtype": self.run.cfg.runtime.dtype, "jax": jax.__version__,
-                "devices": [str(d) for d in jax.devices()], "platform": platform.platform()}
+                "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(),
+                "mesh": {"data": self.run.cfg.runtime.mesh.data, "components": self.run.cfg.runtime.mesh.components},
+                "platform": platform.platform()}
 
     def close(self) -> None:
         for d in list(self._managers):
@@ -182,6 +197,15 @@ class JaxBackend:
 def _all_finite(leaves: list) -> jax.Array:
     """Per leaf: every element finite."""
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def _host(x) -> np.ndarray:
+    """A (global) array as a numpy array in every process (gathered when this process does
+    not hold all of it)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _leaf_name(path) -> str:

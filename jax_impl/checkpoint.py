@@ -25,6 +25,16 @@ meta.json, orbax's `state` item present) loads unverified, with a one-line warni
 The meta dict and the refusal of a resume under a different config, dtype or target (a
 field-by-field diff) are shared with the oracle (`contract/checkpoint_meta.py`). Saves are synchronous: the training step donates its state
 buffers, so an asynchronous writer could read a buffer the next step already reused.
+
+Sharded state (S145): the state is saved as the global arrays of its mesh, each process
+writing only the shards of its own devices; `meta` records the mesh it was written on
+(`mesh`: data, components, processes, devices). A load restores onto the mesh of the loading
+run (`shardings`, from `jax_impl/mesh.py`): orbax reads each device's slice of every leaf,
+so a checkpoint of one mesh resumes on any other (1 -> (2,2), (2,2) -> (4,1), 2 processes ->
+1) -- the mesh is not part of the compared config (contract/checkpoint_meta.py `computed`).
+A state the loading mesh cannot lay out is refused before anything is read, naming the leaf,
+its size and the axis size. With several processes, process 0 alone deletes, writes
+meta.json and the digest, and every process waits for it.
 """
 from __future__ import annotations
 
@@ -38,9 +48,9 @@ import orbax.checkpoint as ocp
 from contract import checkpoint_digest as cd, checkpoint_meta as cm
 from contract.checkpoint_meta import META_FILE, target_sha256  # noqa: F401  (public names)
 from contract.config import ConfigError, parse_config
-from contract.init import init_state
 from contract.resolve import ResolvedRun, resolve_run
-from jax_impl.state import TrainState, make_state
+from jax_impl.mesh import check_layout
+from jax_impl.state import TrainState, abstract_tree
 from jax_impl.train import prng_impl
 
 CKPT_SUBDIR = "checkpoints"
@@ -128,14 +138,16 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, run: ResolvedRun, st
         raise ValueError("save_checkpoint: keep must be >= 1")
     dtype = dtype or next(iter(state.params.values())).dtype
     meta = cm.build_meta(run, step, _dtype_name(dtype), backend="jax", fmt=FORMAT, versions=_versions(), extra=extra,
-                         prng_impl=production_prng_impl(run), param_order=list(state.params))
+                         prng_impl=production_prng_impl(run), param_order=list(state.params), mesh=written_mesh(run))
     mngr = manager or make_manager(out_dir, keep)
     path = _step_path(out_dir, step)
+    primary = jax.process_index() == 0
     try:
         if step in mngr.all_steps():  # same step written again (e.g. a fresh run over an old dir, a damaged one)
             mngr.delete(step)
-        if path.exists():  # a damaged dir orbax does not take for a step
+        if primary and path.exists():  # a damaged dir orbax does not take for a step
             shutil.rmtree(path)
+        sync(f"vpd-save-clear-{step}")
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state.to_tree()), meta=ocp.args.JsonSave(meta)),
                   force=True)
         mngr.wait_until_finished()
@@ -145,9 +157,25 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, run: ResolvedRun, st
     # a plain meta.json copy of the meta item beside orbax's items (for the loader's checks
     # and for tools that read a checkpoint without orbax), then the commit marker, each
     # written via temp file + rename
-    cd.write_text_atomic(path / META_FILE, cm.meta_json(meta))
-    cd.write_digest(path, step)
+    if primary:
+        cd.write_text_atomic(path / META_FILE, cm.meta_json(meta))
+        cd.write_digest(path, step)
+    sync(f"vpd-save-digest-{step}")
     return path
+
+
+def sync(name: str) -> None:
+    """Every process of the run reaches this point (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def written_mesh(run: ResolvedRun) -> dict:
+    """The mesh a checkpoint is written on (S145): its axis sizes, processes and devices."""
+    m = run.cfg.runtime.mesh
+    return {"data": m.data, "components": m.components, "processes": jax.process_count(),
+            "devices": m.data * m.components}
 
 
 def read_meta(path: str | Path) -> dict:
@@ -172,28 +200,45 @@ def check_compatible(meta: dict, run: ResolvedRun, dtype, path: Path) -> None:
 
 
 def production_prng_impl(run: ResolvedRun) -> str:
-    return prng_impl(run.cfg.runtime.mesh.data)
+    del run  # one generator on every mesh (S143)
+    return prng_impl()
 
 
-def abstract_state(run: ResolvedRun, dtype) -> dict:
-    """Shapes, dtypes and pytree structure of the stored training-state tree of `run`
-    (`TrainState.to_tree()`; nothing allocated)."""
-    shapes = {n: jax.ShapeDtypeStruct(a.shape, dtype) for n, a in init_state(run).items()}
-    tree = jax.eval_shape(lambda arrays: make_state(run, arrays, dtype).to_tree(), shapes)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+def abstract_state(run: ResolvedRun, dtype, shardings: dict | None = None) -> dict:
+    """Shapes, dtypes, shardings and pytree structure of the stored training-state tree of
+    `run` (`TrainState.to_tree()`; nothing allocated). `shardings` (a tree of the same
+    structure, the loading run's mesh layout) defaults to the first device."""
+    tree = abstract_tree(run, dtype)
+    if shardings is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, tree)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
 
 
-def load_checkpoint(path: str | Path, run: ResolvedRun, dtype) -> TrainState:
-    """Restore the whole training state (params, both optax states, step) exactly. The files
-    are verified against the digest first (CheckpointError naming the file and the step)."""
+def check_mesh(meta: dict, run: ResolvedRun, dtype, path: Path) -> None:
+    """S145: refuse, before reading anything, a checkpoint whose state the loading run's mesh
+    cannot lay out (ValueError naming the checkpoint's mesh, the leaf and the sizes)."""
+    m = run.cfg.runtime.mesh
+    try:
+        check_layout(run, abstract_tree(run, dtype), m.data, m.components)
+    except ValueError as e:
+        w = meta.get("mesh") or {"data": 1, "components": 1}
+        raise ValueError(f"{e} (checkpoint {path} was written on data {w.get('data')} x components "
+                         f"{w.get('components')})") from None
+
+
+def load_checkpoint(path: str | Path, run: ResolvedRun, dtype, shardings: dict | None = None) -> TrainState:
+    """Restore the whole training state (params, both optax states, step) exactly, laid out by
+    `shardings` (the loading run's mesh; default one device). The files are verified against
+    the digest first (CheckpointError naming the file and the step)."""
     path = Path(path)
     out_dir, step = _split(path)
     verify_checkpoint(path)
     meta = cm.read_meta(path)  # the plain copy of the meta item, verified with the rest
     cm.check_format(meta, FORMAT, path)
     check_compatible(meta, run, dtype, path)
-    target = abstract_state(run, dtype)
+    check_mesh(meta, run, dtype, path)
+    target = abstract_state(run, dtype, shardings)
     mngr = make_manager(out_dir, read_only=True)
     try:
         state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
@@ -231,4 +276,6 @@ def load_run_checkpoint(path: str | Path, dtype=None) -> tuple[TrainState, dict,
 
 
 def clear_checkpoints(out_dir: str | Path) -> None:
-    shutil.rmtree(checkpoint_root(out_dir), ignore_errors=True)
+    if jax.process_index() == 0:  # S145: process 0 alone deletes; the others wait for it
+        shutil.rmtree(checkpoint_root(out_dir), ignore_errors=True)
+    sync("vpd-clear-checkpoints")

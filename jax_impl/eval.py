@@ -42,10 +42,10 @@ from jax_impl.sigmoids import ci_pair
 from jax_impl.train import prng_key
 
 
-def eval_key(seed: int, step: int, j: int, mesh_data: int = 1):
-    """Production key of eval batch j of the eval at `step`: its own stream (seed + 1); the
-    generator follows the mesh as in training (S50)."""
-    return jax.random.fold_in(jax.random.fold_in(prng_key(seed + 1, mesh_data), step), j)
+def eval_key(seed: int, step: int, j: int):
+    """Production key of eval batch j of the eval at `step`: its own stream (seed + 1), the
+    training generator, the same on every mesh (S50, S143)."""
+    return jax.random.fold_in(jax.random.fold_in(prng_key(seed + 1), step), j)
 
 
 def sample_eval_draws(plan: list[DrawSpec], key, dtype) -> dict:
@@ -148,6 +148,14 @@ class Evaluator:
         self.run, self.model, self.dtype = run, model, dtype
         self._draws = jax.jit(partial(_eval_body, run, model))
         self._key = jax.jit(self._key_body)
+        self.place = None  # S141: puts an eval batch on the step's mesh (`on_mesh`)
+
+    def on_mesh(self, placement) -> None:
+        """Evaluate on the step's mesh (jax_impl/mesh.py `Placement`): eval batches sharded over
+        `data`, the metrics replicated, so every process reads them."""
+        self.place = placement.put
+        self._draws = jax.jit(partial(_eval_body, self.run, self.model), out_shardings=placement.replicated)
+        self._key = jax.jit(self._key_body, out_shardings=placement.replicated)
 
     def _key_body(self, frozen, params, batch, key):
         run = self.run
@@ -171,8 +179,9 @@ class Evaluator:
         n = cfg.eval.n_batches
         acc: dict = {}
         for j in range(n):
-            b = batch_for_step(self.run, cfg.seed, step * n + j, batch=cfg.eval.batch_size, split="eval")
-            m = self.metrics_with_key(params, to_jax_batch(b, self.dtype), eval_key(cfg.seed, step, j, cfg.runtime.mesh.data))
+            b = to_jax_batch(batch_for_step(self.run, cfg.seed, step * n + j, batch=cfg.eval.batch_size, split="eval"),
+                             self.dtype)
+            m = self.metrics_with_key(params, b if self.place is None else self.place(b), eval_key(cfg.seed, step, j))
             acc = m if j == 0 else {k: acc[k] + v for k, v in m.items()}
         return acc if n == 1 else {k: v / n for k, v in acc.items()}
 

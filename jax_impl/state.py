@@ -85,3 +85,10 @@ def make_state(run: ResolvedRun, arrays: dict[str, np.ndarray] | None, dtype) ->
     return TrainState(params=params, opt_components=adamw(o.components).init(comp), opt_ci_fn=adamw(o.ci_fn).init(ci),
                       step=jnp.asarray(0, jnp.int32), sources=sources,
                       source_opt={b: init_source_opt(v) for b, v in sources.items()})
+
+
+def abstract_tree(run: ResolvedRun, dtype) -> dict:
+    """Shapes, dtypes and pytree structure of `make_state(run, ...).to_tree()` (nothing
+    allocated): the tree a checkpoint stores and the mesh lays out (jax_impl/mesh.py)."""
+    shapes = {n: jax.ShapeDtypeStruct(a.shape, dtype) for n, a in init_state(run).items()}
+    return jax.eval_shape(lambda arrays: make_state(run, arrays, dtype).to_tree(), shapes)

@@ -13,7 +13,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from contract.backend import FINITE, GUARDED, NO_PROBE, Probe
@@ -26,10 +25,11 @@ from jax_impl.ci_fn import ci_logits
 from jax_impl.components import DecomposedModel, inner_act
 from jax_impl.context import StepContext
 from jax_impl.losses import faithfulness, importance_minimality
-from jax_impl.mesh import Placement, make_data_mesh
+from jax_impl.mesh import Placement, make_mesh, mesh_shape
 from jax_impl.recon import MASK_SOURCES, recon_terms
+from jax_impl.remat import remat_model
 from jax_impl.sigmoids import ci_pair
-from jax_impl.state import TrainState, adamw, split_groups
+from jax_impl.state import TrainState, abstract_tree, adamw, split_groups
 
 
 def compute_dtype(run: ResolvedRun):
@@ -44,36 +44,42 @@ def to_compute(tree, cd):
     return jax.tree.map(lambda x: x.astype(cd) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
 
 
-# S50: the production stream is JAX's own. On one device: Philox4x32-10 (counter-based, the
-# generator of cuRAND and of torch on CUDA), which samples a step's draw plan ~4x faster on
-# CPU than threefry (whose CPU lowering is a rolled loop). XLA cannot partition Philox, so a
-# step on a device mesh (runtime.mesh.data > 1) keys threefry instead.
-PRNG_IMPL = "philox4x32"
-MESH_PRNG_IMPL = "threefry2x32"
+# S50, S143: the production stream is JAX's own, one generator on every mesh: threefry2x32,
+# whose bits are a function of (key, element index) (jax_threefry_partitionable, JAX's
+# default), so a draw sharded over any mesh, in any number of processes, holds the values
+# of the one-device draw, and a run restarted on other hardware continues the same run.
+# Philox4x32 cannot be partitioned by XLA; it sampled tiny_llama's plan (1.35M uniforms,
+# one core) in 4.2 ms against threefry's 6.1 ms (one call per draw), about 3% of a step.
+# The stream's name in every checkpoint (meta.json `prng_impl`): the generator and how the plan
+# is keyed (draw i from fold_in(key, i)); the earlier streams, "philox4x32" (one device) and
+# "threefry2x32" (a mesh; one flat call sliced per draw), are other streams and refused on resume.
+PRNG_IMPL = "threefry2x32"
+STREAM = "threefry2x32/draw-keys"
 
 
 def prng_impl(mesh_data: int = 1) -> str:
-    return PRNG_IMPL if mesh_data == 1 else MESH_PRNG_IMPL
+    """The production stream's name (the same on every mesh; the argument is kept for callers)."""
+    del mesh_data
+    return STREAM
 
 
 def prng_key(seed: int, mesh_data: int = 1):
-    """The production key of a seed (a typed key; the generator follows the mesh, S50)."""
-    return jax.random.key(seed, impl=prng_impl(mesh_data))
+    """The production key of a seed (a typed key; one generator on every mesh, S50)."""
+    del mesh_data
+    return jax.random.key(seed, impl=PRNG_IMPL)
 
 
-def sample_draws(plan: list[DrawSpec], key, dtype) -> dict:
-    """Production sampling of the draw plan inside the step, keyed by fold_in(seed, step)."""
-    # one generator call for the whole plan, sliced per named tensor (one call per draw
-    # multiplies the compiled program; the stream need not match the oracle's, S50)
-    sizes = [int(np.prod(d.shape)) for d in plan]
+def sample_draws(plan: list[DrawSpec], key, dtype, shardings: dict | None = None) -> dict:
+    """Production sampling of the draw plan inside the step, keyed by fold_in(seed, step):
+    draw i of the plan is `uniform(fold_in(key, i), shape)`, laid out by `shardings` (its
+    mesh sharding, S141) -- its values do not depend on the layout (S143)."""
+    out = {}
+    for i, d in enumerate(plan):
+        x = jax.random.uniform(jax.random.fold_in(key, i), d.shape, dtype)
+        out[d.name] = x if shardings is None else jax.lax.with_sharding_constraint(x, shardings[d.name])
     # the barrier materialises the draws once: otherwise XLA fuses the generator into every
     # consumer of a draw, recomputing it in the forward and again in the backward
-    flat = jax.lax.optimization_barrier(jax.random.uniform(key, (sum(sizes),), dtype))
-    out, i = {}, 0
-    for d, n in zip(plan, sizes, strict=True):
-        out[d.name] = flat[i:i + n].reshape(d.shape)
-        i += n
-    return out
+    return jax.lax.optimization_barrier(out)
 
 
 def faithfulness_warmup(run: ResolvedRun, model: DecomposedModel, params: dict) -> tuple[dict, list[float]]:
@@ -285,39 +291,72 @@ class Stepper:
     """The jitted steps of one run, built once: `step_with_draws` (parity: explicit draws,
     optionally with a probe) and `step_with_key` (production: draws sampled inside the step
     from `fold_in(prng_key(seed), step)`; its metrics also hold the device flag
-    `contract.backend.FINITE`, S106). State buffers are donated."""
+    `contract.backend.FINITE`, S106). State buffers are donated.
+
+    On a mesh (runtime.mesh D x K > 1, or several processes; S91, S140) the step is the same
+    program on global arrays: the state keeps the layout of `jax_impl/mesh.py::state_specs`
+    (pinned by the jit's output shardings), the batch and the draws are placed by
+    `Placement`, the metrics come back replicated (every process reads them)."""
 
     def __init__(self, run: ResolvedRun, model: DecomposedModel, dtype):
         self.run, self.model, self.dtype = run, model, dtype
         self.plan = draw_plan(run)
-        n = run.cfg.runtime.mesh.data  # S91: data parallel = the global program, sharded inputs
-        self.placement = Placement(make_data_mesh(n), run.batch_shape[0]) if n > 1 else None
-        self._draws = jax.jit(partial(train_step_body, run, model), donate_argnums=(0,))
+        D, K = mesh_shape(run)
+        on_mesh = D * K > 1 or jax.process_count() > 1
+        self.placement = Placement(run, make_mesh(D, K)) if on_mesh else None
+        step_model = remat_model(model, run.cfg.runtime.remat)  # S144: masked forwards recomputed in the backward
+        self.step_model = step_model
+        self.state_shardings: TrainState | None = None
+        self._draw_shardings = None
+        out = None
+        self._seed_key = jax.random.key_data(prng_key(run.cfg.seed))
+        pl = self.placement
+        if pl is not None:
+            rep = pl.replicated  # global arrays: every process passes the same replicated values
+            model.frozen = jax.tree.map(lambda x: pl.put(x, rep), model.frozen)
+            self._seed_key = pl.put(self._seed_key, rep)
+            self.state_shardings = TrainState.from_tree(pl.state_shardings(abstract_tree(run, dtype)))
+            self._draw_shardings = pl.draw_shardings(self.plan)
+            out = (self.state_shardings, pl.replicated)
+        self._draws = jax.jit(partial(train_step_body, run, step_model), donate_argnums=(0,), out_shardings=out)
         self._probed = jax.jit(self._probe_body, donate_argnums=(0,))
-        self._key = jax.jit(self._key_body, donate_argnums=(0,))
+        self._key = jax.jit(self._key_body, donate_argnums=(0,), out_shardings=out)
+
+    def place_state(self, state: TrainState) -> TrainState:
+        """The state laid out on the mesh (identity on one device)."""
+        if self.placement is None or self.state_shardings is None:
+            return state
+        return TrainState.from_tree(self.placement.put_tree(state.to_tree(), self.state_shardings.to_tree()))
 
     def _key_body(self, state: TrainState, frozen, batch, seed_key, hp):
+        if not jnp.issubdtype(seed_key.dtype, jax.dtypes.prng_key):  # key data (a global array on a mesh)
+            seed_key = jax.random.wrap_key_data(seed_key, impl=PRNG_IMPL)
         key = jax.random.fold_in(seed_key, state.step)
-        state, metrics = train_step_body(self.run, self.model, state, frozen, batch,
-                                         sample_draws(self.plan, key, self.dtype), hp)
+        state, metrics = train_step_body(self.run, self.step_model, state, frozen, batch,
+                                         sample_draws(self.plan, key, self.dtype, self._draw_shardings), hp)
         # S106: the production step reports its finite flag, so the loop checks every step
         # without pulling its metrics (the parity step, `step_with_draws`, does not)
         return state, metrics | {FINITE: step_finite(metrics)}
 
     def _probe_body(self, state: TrainState, frozen, batch, draws, hp, pins):
         record: dict = {}
-        state, metrics = train_step_body(self.run, self.model, state, frozen, batch, draws, hp, Probe(record, pins))
+        state, metrics = train_step_body(self.run, self.step_model, state, frozen, batch, draws, hp, Probe(record, pins))
         return state, metrics, record
 
     def hp(self, step: int) -> dict:
-        return {k: jnp.asarray(v, self.dtype) for k, v in hparams(self.run.cfg, step).items()}
+        hp = {k: jnp.asarray(v, self.dtype) for k, v in hparams(self.run.cfg, step).items()}
+        return hp if self.placement is None else {k: self.placement.put(v, self.placement.replicated) for k, v in hp.items()}
+
+    def put_batch(self, batch):
+        return batch if self.placement is None else self.placement.put(batch)
 
     def step_with_draws(self, state: TrainState, batch, draws: dict, step: int, probe: Probe | None = None):
         """-> (state, metrics); with a probe, its record receives the step's intermediates
         (as device arrays) and its pins replace computed stages."""
-        draws = {k: jnp.asarray(v, self.dtype) for k, v in draws.items()}
         if self.placement is not None:
-            batch, draws = self.placement.put(batch), self.placement.put_tree(draws)
+            batch, draws = self.placement.put(batch), self.placement.put_draws(draws, self.plan, self.dtype)
+        else:
+            draws = {k: jnp.asarray(v, self.dtype) for k, v in draws.items()}
         if probe is None or (probe.record is None and not probe.pins):
             return self._draws(state, self.model.frozen, batch, draws, self.hp(step))
         state, metrics, record = self._probed(state, self.model.frozen, batch, draws, self.hp(step), dict(probe.pins))
@@ -328,13 +367,7 @@ class Stepper:
     def lower_key_step(self, state: TrainState, batch, step: int):
         """The production step lowered for these arguments (XLA's cost and memory analyses,
         scripts/benchmark.py); nothing runs, nothing is donated."""
-        if self.placement is not None:
-            batch = self.placement.put(batch)
-        key = prng_key(self.run.cfg.seed, self.run.cfg.runtime.mesh.data)
-        return self._key.lower(state, self.model.frozen, batch, key, self.hp(step))
+        return self._key.lower(state, self.model.frozen, self.put_batch(batch), self._seed_key, self.hp(step))
 
     def step_with_key(self, state: TrainState, batch, step: int):
-        if self.placement is not None:
-            batch = self.placement.put(batch)
-        return self._key(state, self.model.frozen, batch, prng_key(self.run.cfg.seed, self.run.cfg.runtime.mesh.data),
-                         self.hp(step))
+        return self._key(state, self.model.frozen, self.put_batch(batch), self._seed_key, self.hp(step))

@@ -59,6 +59,10 @@ def parser(backend: str) -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     if backend == "torch":
         t.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
+    if backend == "jax":
+        t.add_argument("--processes", type=_positive_int,
+                       help="start the run as P cooperating local processes, each with its share of the mesh's "
+                            "devices (S146; several hosts: README)")
     return ap
 
 
@@ -75,7 +79,7 @@ _DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk q
 _DISK_FULL_TEXT = {os.strerror(n): why for n, why in _DISK_FULL.items()}
 _QUOTED_PATH = re.compile(r'(?:file|path|directory) "([^"]+)"')
 _OOM_TEXT = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
-_MESH = re.compile(r"^runtime\.mesh\.data: \d+ devices requested")
+_MESH = re.compile(r"^runtime\.mesh(\.data)?: .*\d+ devices requested")
 _CONFIG_FIELD = re.compile(r"^(" + "|".join(map(re.escape, RunConfig.model_fields)) + r")(\.[\w.]+)?: ")
 
 
@@ -117,7 +121,7 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def _device_problem(e: BaseException) -> bool:
-    # jax_impl/mesh.py raises ValueError("runtime.mesh.data: N devices requested, M available ...");
+    # jax_impl/mesh.py raises ValueError("runtime.mesh: data D x components K = N devices requested, M available ...");
     # JAX raises RuntimeError("Unable to initialize backend ...") for a platform it cannot start
     return (isinstance(e, ValueError) and bool(_MESH.match(str(e)))) or \
         (isinstance(e, RuntimeError) and "Unable to initialize backend" in str(e))
@@ -203,7 +207,7 @@ def cmd_train(backend: str, args, argv: list[str]) -> int:
         phase = "setup"
         try:
             run = runlog.load_run(args.config, args.steps, args.dtype)
-            launch = processes_launcher(backend, run)
+            launch = processes_launcher(backend, run, getattr(args, "processes", None))
             if launch is not None:  # S110: this command starts the run's processes, each running argv
                 return launch(argv, prog)
             _prepare(backend, run, args)

@@ -127,7 +127,7 @@ def test_uninterrupted_run_outputs(tiny, uninterrupted):
     run = run_of(cfg)
     meta = read_meta(cks[-1])
     assert meta["config"] == run.cfg.to_dict() and meta["step"] == 6 and meta["dtype"] == "float32"
-    assert meta["prng_impl"] == "philox4x32"  # S50: the production generator of one device
+    assert meta["prng_impl"] == "threefry2x32/draw-keys"  # S50, S143: the production stream of every mesh
     assert json.loads((cks[-1] / "meta.json").read_text())["config_hash"] == run.cfg.hash()
     st = load_checkpoint(cks[-1], run, F32)
     want = abstract_state(run, F32)
@@ -214,8 +214,9 @@ def test_resume_under_another_generator_is_refused(tiny, uninterrupted):
     ck = list_checkpoints(out)[-1]
     meta = read_meta(ck)
     check_compatible(meta, run_of(cfg), F32, ck)  # its own generator: accepted
-    for old in ({k: v for k, v in meta.items() if k != "prng_impl"}, meta | {"prng_impl": "threefry2x32"}):
-        with pytest.raises(ConfigError, match="drew with the threefry2x32 generator, this trainer draws with philox4x32"):
+    for old, gen in (({k: v for k, v in meta.items() if k != "prng_impl"}, "threefry2x32"),
+                     (meta | {"prng_impl": "philox4x32"}, "philox4x32")):
+        with pytest.raises(ConfigError, match=f"drew with the {gen} generator, this trainer draws with threefry2x32/draw-keys"):
             check_compatible(old, run_of(cfg), F32, ck)
 
 
