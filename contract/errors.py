@@ -20,7 +20,7 @@ EXIT_CHECKPOINT = 5  # a checkpoint is damaged or unreadable
 EXIT_DIVERGED = 6  # training diverged (non-finite loss)
 EXIT_DISK_FULL = 7  # no space left on the device / quota exceeded
 EXIT_OUT_OF_MEMORY = 8  # out of (host or device) memory
-EXIT_DEVICE = 9  # the devices do not match the run (mesh larger than the devices, no backend)
+EXIT_DEVICE = 9  # the devices do not match the run (mesh larger than the devices, no backend), or another process of the run was lost
 EXIT_BUG = 70  # an unanticipated exception (EX_SOFTWARE): a bug to report
 EXIT_ABORTED = 130  # a signal aborted the run at once, without saving (S102)
 # 128 + n: stopped by signal n after the current step, checkpoint saved (S102; SIGTERM 143,
@@ -36,7 +36,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_DIVERGED: "training diverged",
     EXIT_DISK_FULL: "disk full",
     EXIT_OUT_OF_MEMORY: "out of memory",
-    EXIT_DEVICE: "devices do not match the run",
+    EXIT_DEVICE: "devices or processes do not match the run",
     EXIT_BUG: "a bug",
     EXIT_ABORTED: "aborted by a signal",
 }

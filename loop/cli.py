@@ -120,6 +120,14 @@ def _out_of_memory(e: BaseException) -> bool:
     return False
 
 
+# gloo's words when the other end of a collective is gone (a rank died or was stopped)
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def _peer_lost(e: BaseException) -> bool:
+    return any(isinstance(x, RuntimeError) and any(t in str(x) for t in _PEER_LOST) for x in _chain(e))
+
+
 def _device_problem(e: BaseException) -> bool:
     # jax_impl/mesh.py raises ValueError("runtime.mesh: data D x components K = N devices requested, M available ...");
     # JAX raises RuntimeError("Unable to initialize backend ...") for a platform it cannot start
@@ -149,6 +157,9 @@ def classify(e: Exception, out: str | None = None, phase: str = "train") -> tupl
         when = " while setting up the run" if phase == "setup" else ""
         return E.EXIT_OUT_OF_MEMORY, (f"out of memory{when} ({_short(e, 200)}); lower batch_size / eval.batch_size / "
                                       "the components' C, or use a machine or device with more memory")
+    if _peer_lost(e):
+        return E.EXIT_DEVICE, ("lost the connection to another process of this run (it died or was stopped; its own "
+                               "error says why); rerun the same command to resume from the last checkpoint")
     if _device_problem(e):
         return E.EXIT_DEVICE, f"{runlog.one_line(str(e))} (the devices this process sees do not match the run)"
     if isinstance(e, ConfigError):

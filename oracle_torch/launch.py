@@ -10,6 +10,7 @@ signal that killed it), after the rank's own one-line error."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from oracle_torch.ranks import check_launch_env
@@ -20,14 +21,14 @@ def needs_launch(n: int) -> bool:
     return n > 1 and not check_launch_env(n)
 
 
-def launch(n: int, argv: list[str], prog: str) -> int:
-    """Run `python -m oracle_torch.cli *argv` as `n` local ranks; the exit code of the run."""
+def launch(n: int, argv: list[str], prog: str, module: str = "oracle_torch.cli") -> int:
+    """Run `python -m <module> *argv` (the oracle's CLI) as `n` local ranks; the exit code of the run."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several ranks, without its warning
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={n}", "--max-restarts=0",
-                                         "--monitor-interval=0.2", "-m", "oracle_torch.cli", *argv])
+                                         "--monitor-interval=0.2", "-m", module, *argv])
     try:
         run(args)
     except ChildFailedError as e:
@@ -40,10 +41,12 @@ def launch(n: int, argv: list[str], prog: str) -> int:
 
 
 def first_failure(failures: dict) -> tuple[int, int]:
-    """(rank, exit code) of the rank that failed first: one that exited with an error before
-    one that the launcher stopped (negative: killed by a signal), earliest, lowest rank."""
+    """(rank, exit code) of the rank whose failure stopped the run: one killed from outside
+    (a signal other than the launcher's SIGTERM: its peers then fail on the lost connection),
+    else one that exited with an error, else one the launcher stopped; earliest, lowest rank."""
     def order(item):
         rank, f = item
-        return (f.exitcode <= 0, f.timestamp, rank)
+        killed, stopped = f.exitcode < 0 and f.exitcode != -signal.SIGTERM, f.exitcode == -signal.SIGTERM
+        return (not killed, stopped, f.timestamp, rank)
     rank, f = min(failures.items(), key=order)
     return rank, f.exitcode

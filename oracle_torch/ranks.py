@@ -81,6 +81,26 @@ class Ranks:
         dist.all_reduce(g)
         return g / self.world
 
+    def norms(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The 2-norm of each tensor, whole; on N ranks from the shards of DTensors, in one
+        all-reduce of their squared sums (never one gather per tensor)."""
+        if not self.sharded:
+            return [torch.linalg.vector_norm(t) for t in tensors]
+        return [torch.sqrt(s) for s in self._whole_sq(tensors)]
+
+    def sq_sums(self, tensors: list[torch.Tensor]) -> list[float]:
+        """sum(t ** 2) of each tensor, whole (as `norms`)."""
+        if not self.sharded:
+            return [float((t ** 2).sum()) for t in tensors]
+        return [float(s) for s in self._whole_sq(tensors)]
+
+    def _whole_sq(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        sq = torch.stack([(local(t) ** 2).sum() for t in tensors])
+        sharded = torch.tensor([isinstance(t, DTensor) for t in tensors])
+        total = sq * sharded  # the shards' sums add up over ranks; a replicated tensor counts once
+        dist.all_reduce(total)
+        return torch.where(sharded, total, sq)
+
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """The global-batch tensor of which every rank holds its rows (identity at world 1)."""
         if not self.sharded:
@@ -158,6 +178,10 @@ def join(n: int) -> Ranks:
 def leave() -> None:
     """Leave the process group: every rank first (a rank that tears its connections down
     while a peer still talks to it aborts that peer)."""
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    try:
         dist.barrier()
-        dist.destroy_process_group()
+    except RuntimeError:  # a peer is gone already (the run is failing): nothing to wait for
+        pass
+    dist.destroy_process_group()

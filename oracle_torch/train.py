@@ -73,13 +73,13 @@ def faithfulness_warmup(run: ResolvedRun, model: DecomposedModel, state: TrainSt
     return losses
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None, ranks: Ranks = ONE) -> float:
     """S43: torch's clip_grad_norm_ semantics: scale = max / (norm + 1e-6), clamped to 1."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:  # e.g. a faithfulness-only config leaves the CI function without gradient
         return 0.0
-    # on N ranks the norm of the whole (gathered) gradient, and each rank scales its shard
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(full(g)) for g in grads]))
+    # on N ranks the norm of the whole sharded gradient, and each rank scales its shard
+    total = torch.linalg.vector_norm(torch.stack(ranks.norms(grads)))
     if max_norm is not None:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
@@ -217,14 +217,15 @@ def train_step(run: ResolvedRun, model: DecomposedModel, state: TrainState, batc
     total.backward()
     metrics = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
     metrics["loss/total"] = float(total.detach())
-    for n, p in state.params.items():
-        g = full(p.grad) if p.grad is not None else torch.zeros_like(full(p))
-        metrics[f"grad_norm/{n}"] = float(torch.linalg.vector_norm(g))
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in state.params.items()}
+    for (n, g), norm in zip(grads.items(), state.ranks.norms(list(grads.values())), strict=True):
+        metrics[f"grad_norm/{n}"] = float(norm)
         if record is not None:
-            record[f"grad.{n}"] = g.detach().clone()
+            record[f"grad.{n}"] = full(g).detach().clone()
     comp, ci = state.group("components."), state.group("ci_fn.")
-    metrics["grad_norm/components"] = clip_grad_norm([state.params[n] for n in comp], cfg.optim.components.clip)
-    metrics["grad_norm/ci_fn"] = clip_grad_norm([state.params[n] for n in ci], cfg.optim.ci_fn.clip)
+    metrics["grad_norm/components"] = clip_grad_norm([state.params[n] for n in comp], cfg.optim.components.clip,
+                                                     state.ranks)
+    metrics["grad_norm/ci_fn"] = clip_grad_norm([state.params[n] for n in ci], cfg.optim.ci_fn.clip, state.ranks)
     # S106: under `guard.nonfinite: skip` a step with a non-finite loss or gradient norm
     # updates nothing (parameters, optimizers, sources and their ascent state stay as they were)
     apply = not skip or step_finite(run, state, metrics, src_grads)
@@ -252,8 +253,8 @@ def train_step(run: ResolvedRun, model: DecomposedModel, state: TrainState, batc
             metrics[f"param_norm/sources.{t.bundle}"] = math.sqrt(sum(source_sq(run, state.ranks, t.bundle, v)
                                                                       for v in state.sources[t.bundle].values()))
     with torch.no_grad():
-        metrics["param_norm/components"] = math.sqrt(sum(float((full(state.params[n]) ** 2).sum()) for n in comp))
-        metrics["param_norm/ci_fn"] = math.sqrt(sum(float((full(state.params[n]) ** 2).sum()) for n in ci))
+        metrics["param_norm/components"] = math.sqrt(sum(state.ranks.sq_sums([state.params[n] for n in comp])))
+        metrics["param_norm/ci_fn"] = math.sqrt(sum(state.ranks.sq_sums([state.params[n] for n in ci])))
     metrics |= {f"l0/{n}": v for n, v in l0_per_site(ci_lower, state.ranks).items()}
     metrics |= {f"sched/{k}": v for k, v in hp.items()}
     state.step += 1

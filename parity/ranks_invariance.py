@@ -39,9 +39,12 @@ def _rank_cases() -> dict[str, Case]:
     """One case per target, persistent PGD (shared c / nsc and per-position bsc scopes) and
     fresh PGD (bsc / c / bc), 20 steps, batches divisible by 4."""
     out = {}
+    # seed 3 for the persistent-PGD case: at seed 0 two of its bundles get an identically zero
+    # gradient on the TMS batch (their sources never move, so no world size could differ)
+    special = {"llama": {"batch_size": 4}, "tms_ppgd": {"seed": 3}}
     for name in ("tms", "resid", "llama", "tms_ppgd"):
         c = CASES[f"traj_{name}.64"]
-        over = c.overrides | ({"batch_size": 4} if name == "llama" else {})
+        over = c.overrides | special.get(name, {})
         out[f"ranks_{name}"] = replace(c, name=f"ranks_{name}", steps=STEPS, overrides=over)
     fresh = CASES["tms_fresh_pgd"]
     out["ranks_fresh_pgd"] = replace(fresh, name="ranks_fresh_pgd", steps=STEPS,
@@ -56,7 +59,7 @@ def case_run(name: str, precision: str, world: int):
     """The resolved run of a rank case at `precision` on `world` data ranks."""
     from contract.config import parse_config
     from contract.resolve import resolve_run
-    c = RANK_CASES[name]
+    c = RANK_CASES[name] if name in RANK_CASES else CASES[name]  # a rank case, or a parity case
     d = c.config_dict()
     d["runtime"] = {"dtype": precision, "mesh": {"data": world}}
     return resolve_run(parse_config(d, f"rank case {name}"))
@@ -90,7 +93,7 @@ def _apply_trap(trap: str | None) -> None:
         raise ValueError(f"--trap: {trap!r} is not one of {', '.join(TRAPS)}")
 
 
-def worker(names: list[str], precision: str, world: int, steps: int, out: Path, trap: str | None) -> None:
+def worker(names: list[str], precisions: list[str], world: int, steps: int, out: Path, trap: str | None) -> None:
     import torch
 
     from contract.backend import Probe
@@ -100,7 +103,7 @@ def worker(names: list[str], precision: str, world: int, steps: int, out: Path, 
     torch.set_num_threads(1)
     _apply_trap(trap)
     backends = []
-    for name in names:
+    for name, precision in ((n, p) for p in precisions for n in names):
         run = case_run(name, precision, world)
         inp = make_inputs(run, precision, steps)
         be = make_backend("torch", run)
@@ -115,26 +118,28 @@ def worker(names: list[str], precision: str, world: int, steps: int, out: Path, 
                 grads0 = {n[5:]: np.asarray(v) for n, v in rec.items() if n.startswith("grad.")}
         final = be.export_state(state)
         if be.primary:
-            with open(out / f"{name}.pkl", "wb") as f:
+            with open(out / f"{name}.{precision}.pkl", "wb") as f:
                 pickle.dump({"records": records, "grads0": grads0, "warmup": list(warm), "final": final}, f)
     for be in backends[-1:]:
         be.close()  # the process group, once, after every case
 
 
 # ------------------------------------------------------------------ the driver
-def run_world(names: list[str], precision: str, world: int, out: Path, steps: int = STEPS,
-              trap: str | None = None, timeout: float = TIMEOUT_S) -> dict[str, dict]:
-    """Run the cases on `world` ranks in a subprocess; {case: result}. A failure (or a
-    timeout) raises RuntimeError with the tail of the ranks' output, which names the rank."""
+def run_world(names: list[str], precisions: list[str], world: int, out: Path, steps: int = STEPS,
+              trap: str | None = None, timeout: float = TIMEOUT_S) -> dict[tuple[str, str], dict]:
+    """Run the cases in each precision on `world` ranks in one subprocess; {(case, precision):
+    result}. A failure (or a timeout) raises RuntimeError with the tail of the ranks' output,
+    which names the rank."""
     out.mkdir(parents=True, exist_ok=True)
-    args = ["-m", "parity.ranks_invariance", "worker", *names, "--precision", precision, "--world", str(world),
+    args = ["-m", "parity.ranks_invariance", "worker", *names, "--precision", *precisions, "--world", str(world),
             "--steps", str(steps), "--out", str(out)] + (["--trap", trap] if trap else [])
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                "--max-restarts=0", "--monitor-interval=0.2", *args]
     else:
         cmd = [sys.executable, *args]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "VPD_DIST_TIMEOUT_S": "120", "PYTHONPATH": str(REPO_ROOT)}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "VPD_DIST_TIMEOUT_S": "120", "PYTHONPATH": str(REPO_ROOT),
+                        "PYTHONFAULTHANDLER": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     try:
@@ -145,8 +150,9 @@ def run_world(names: list[str], precision: str, world: int, out: Path, steps: in
         raise RuntimeError(f"world {world}: exit code {p.returncode}\n{_tail(p.stderr)}")
     results = {}
     for n in names:
-        with open(out / f"{n}.pkl", "rb") as f:
-            results[n] = pickle.load(f)
+        for prec in precisions:
+            with open(out / f"{n}.{prec}.pkl", "rb") as f:
+                results[(n, prec)] = pickle.load(f)
     return results
 
 
@@ -214,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("worker", help="(internal) run cases as one rank")
     w.add_argument("cases", nargs="+")
-    w.add_argument("--precision", default="float64")
+    w.add_argument("--precision", nargs="+", default=["float64"])
     w.add_argument("--world", type=int, required=True)
     w.add_argument("--steps", type=int, default=STEPS)
     w.add_argument("--out", type=Path, required=True)
@@ -232,13 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from parity.tolerances import tol
     t0, tt = tol(a.precision, "ranks_step0").rel, tol(a.precision, "ranks_trajectory").rel
-    ref = run_world(a.cases, a.precision, 1, a.out / "world1", a.steps)
+    ref = run_world(a.cases, [a.precision], 1, a.out / "world1", a.steps)
     bad = 0
     for world in a.worlds:
-        got = run_world(a.cases, a.precision, world, a.out / f"world{world}{'-' + a.trap if a.trap else ''}",
+        got = run_world(a.cases, [a.precision], world, a.out / f"world{world}{'-' + a.trap if a.trap else ''}",
                         a.steps, a.trap)
         for name in a.cases:
-            worst = compare(ref[name], got[name], t0, tt)
+            worst = compare(ref[(name, a.precision)], got[(name, a.precision)], t0, tt)
             msg = first_divergence(worst)
             bad += msg is not None
             cells = "  ".join(f"{g} {v.err:.1e}" for g, v in worst.items())
