@@ -1,9 +1,10 @@
 """Migrate a checkpoint between the frameworks (SPEC S130-S132).
 
-    python -m parity.migrate SRC_CHECKPOINT --to jax|torch --out DST_RUN_DIR
+    python -m parity.migrate SRC_CHECKPOINT --to jax|torch --out DST_RUN_DIR [--mesh-data N]
 
 SRC_CHECKPOINT is a checkpoint directory (`RUN/checkpoints/step_XXXXXXXX`) of the oracle
-(one-process safetensors) or of the JAX trainer (orbax). DST_RUN_DIR must not exist (or be
+(one-process safetensors, or the sharded DCP format it writes on N ranks) or of the JAX
+trainer (orbax). DST_RUN_DIR must not exist (or be
 an empty directory); it becomes a run directory of the destination backend — `run.json`
 (S104), `checkpoints/step_XXXXXXXX` in that backend's own layout and naming, written by its
 own `save_checkpoint` (meta.json, digest.json), and the source run's `metrics.jsonl` lines
@@ -11,6 +12,16 @@ before the step (S101) — so the destination trainer started on DST_RUN_DIR wit
 config resumes from it:
 
     python -m jax_impl.cli train CONFIG --out DST_RUN_DIR
+
+The destination's mesh: `--mesh-data N` (default: the source's `runtime.mesh.data`) sets
+`runtime.mesh.data` of the destination's stored config (the only field that may change: a
+checkpoint resumes on another mesh, S111) and so its format — `--to torch` writes the
+oracle's one-process format for N = 1 and its sharded format (DCP, `meta.json`
+`world_size` N) for N > 1, written whole from this one process (`__0_0.distcp`; DCP
+reshards it onto the N ranks that resume it); `--to jax` writes orbax either way, with the
+production generator of that mesh (S50). Between the oracle's two formats (`--to torch`
+from an oracle checkpoint, with a `--mesh-data` that changes the format) the copy is the
+identity, leaf for leaf.
 
 The copy is pure: every leaf goes through one link of parity/migrate_map.py (the layout
 table's transform for tensors, exact integer casts for counters; nothing is recomputed from
@@ -42,13 +53,21 @@ from pathlib import Path
 import numpy as np
 
 from contract.checkpoint_digest import file_sha256
+from contract.checkpoint_meta import computed
 from contract.config import ConfigError, parse_config
 from contract.errors import EXIT_INPUT, VPDError
 from contract.layout import jax_to_torch, torch_to_jax
 from contract.resolve import ResolvedRun, resolve_run
 from contract.runlog import one_line, read_metric_lines
 from contract.targets import resolve_path
-from parity.migrate_io import CheckpointReader, open_checkpoint
+from parity.migrate_io import (
+    JAX_FORMAT,
+    ORACLE_DCP_FORMAT,
+    ORACLE_FORMAT,
+    CheckpointReader,
+    open_checkpoint,
+    read_meta_json,
+)
 from parity.migrate_map import (
     BACKENDS,
     JAX,
@@ -97,6 +116,32 @@ def source_run(reader: CheckpointReader) -> tuple[ResolvedRun, int, str]:
             raise MigrationError(f"{where}: target weights {run.cfg.target.weights} changed since the checkpoint was "
                                  f"written (sha256 {sha[:12]}… -> {now[:12]}…); the destination would resume on other weights")
     return run, step, dtype
+
+
+def dest_run(run: ResolvedRun, mesh_data: int | None) -> ResolvedRun:
+    """The destination's run: the source's, with `runtime.mesh.data` set to `mesh_data`
+    (None: unchanged). A mesh the config refuses (e.g. not dividing batch_size) is refused."""
+    if mesh_data is None or mesh_data == run.cfg.runtime.mesh.data:
+        return run
+    if isinstance(mesh_data, bool) or not isinstance(mesh_data, int) or mesh_data < 1:
+        raise MigrationError(f"--mesh-data: {mesh_data!r} is not a number of ranks (an integer >= 1)")
+    d = run.cfg.to_dict()
+    d["runtime"] = dict(d.get("runtime") or {})
+    d["runtime"]["mesh"] = dict(d["runtime"].get("mesh") or {}, data=mesh_data)
+    try:
+        out = resolve_run(parse_config(d, f"the destination's config (--mesh-data {mesh_data})"))
+    except ConfigError as e:
+        raise MigrationError(f"--mesh-data {mesh_data}: {e}") from e
+    if computed(out.cfg.to_dict()) != computed(run.cfg.to_dict()):  # only where the run runs may change
+        raise MigrationError(f"--mesh-data {mesh_data}: the config changed beyond runtime.mesh (a bug)")
+    return out
+
+
+def dest_format(to: str, run: ResolvedRun) -> str:
+    """The checkpoint format the destination trainer writes for `run`."""
+    if to == JAX:
+        return JAX_FORMAT
+    return ORACLE_DCP_FORMAT if run.cfg.runtime.mesh.data > 1 else ORACLE_FORMAT
 
 
 def _jax_opt_groups(reader: CheckpointReader) -> frozenset[str]:
@@ -155,10 +200,19 @@ def _count(reader: CheckpointReader, leaf: str) -> int:
     return int(f)
 
 
-def translate(reader: CheckpointReader, links: list[Link]) -> dict[str, np.ndarray]:
+def translate(reader: CheckpointReader, links: list[Link], to: str) -> dict[str, np.ndarray]:
     """{destination leaf: array}: every source leaf through its link (the layout table's
-    transform; counters cast exactly; JAX-only leaves from the table)."""
+    transform; counters cast exactly; JAX-only leaves from the table); between the oracle's
+    two formats (same family) every leaf as it is."""
     out: dict[str, np.ndarray] = {}
+    if reader.family == to:
+        for lk in links:
+            if lk.torch is None:
+                continue
+            if lk.kind == "counter":
+                _count(reader, lk.torch)  # a count, or refused naming it
+            out[lk.torch] = reader.load(lk.torch)
+        return out
     if reader.family == TORCH:
         for lk in links:
             if lk.kind == "tensor":
@@ -266,9 +320,39 @@ def _write_torch(run: ResolvedRun, step: int, links: list[Link], values: dict[st
             o["v"][site] = torch.from_numpy(values[f"opt.sources.exp_avg_sq.sources.{b}.{site}"].copy())
         o["t"] = int(values[f"opt.sources.{b}.step"])
     state.step = int(values["step"])
-    path = ock.save_checkpoint(out, state, run, step, run.cfg.checkpoint.keep, dt, extra)
-    ock.load_checkpoint(path, run, dt)  # the destination's own loader accepts it
+    if run.cfg.runtime.mesh.data > 1:
+        path = _save_dcp(out, state, run, step, dt, extra)
+    else:
+        path = ock.save_checkpoint(out, state, run, step, run.cfg.checkpoint.keep, dt, extra)
+    ock.load_checkpoint(path, run, dt)  # the destination's own loader accepts it (digest, format, config, structure)
     return path
+
+
+def _save_dcp(out: Path, state, run: ResolvedRun, step: int, dt, extra: dict) -> Path:
+    """The oracle's sharded format (S111) for `runtime.mesh.data` N ranks, written by this one
+    process: DCP `.metadata` + `__0_0.distcp` holding every tensor whole (the oracle's own
+    `state_tensors`), `meta.json` as the oracle's sharded save writes it (`world_size` N) and
+    the digest last. DCP reshards on load: each of the N ranks reads its own rows. `out` is
+    the migration's temp run dir (its rename is the commit)."""
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    from contract import checkpoint_digest as cd, checkpoint_meta as cm
+    from oracle_torch import checkpoint as ock, sharded_checkpoint as sc
+
+    final = ock.checkpoint_root(out) / f"step_{step:08d}"
+    final.mkdir(parents=True)
+    with warnings.catch_warnings():  # DCP's note that no_dist means one process: that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp_save(ock.state_tensors(state), checkpoint_id=str(final), no_dist=True)
+    # the oracle's own metadata builder, as its sharded save calls it (oracle_torch/checkpoint.py)
+    meta = ock._meta(state, run, step, dt, extra, sc.DCP_FORMAT, world_size=run.cfg.runtime.mesh.data)
+    (final / cm.META_FILE).write_text(cm.meta_json(meta))
+    for f in sc.files_of(final):
+        cd.fsync_path(f)
+    cd.write_digest(final, step)  # last: fsyncs itself and the dir
+    return final
 
 
 def _migrated_extra(reader: CheckpointReader, step: int) -> dict:
@@ -289,10 +373,11 @@ def _check_out(out: Path) -> None:
         raise MigrationError(f"--out {out}: its parent directory {out.parent} does not exist")
 
 
-def migrate(src: str | Path, to: str, out: str | Path, check: bool = True) -> Path:
+def migrate(src: str | Path, to: str, out: str | Path, check: bool = True, mesh_data: int | None = None) -> Path:
     """Migrate checkpoint `src` to backend `to` ("torch" | "jax") into the new run directory
-    `out`; returns the new checkpoint directory (see the module docstring). `check` runs the
-    streaming verifier on the result before it is committed."""
+    `out`, for a destination mesh of `mesh_data` data ranks (None: the source's); returns
+    the new checkpoint directory (see the module docstring). `check` runs the streaming
+    verifier on the result before it is committed."""
     from loop import rundir
 
     src, out = Path(src), Path(out)
@@ -302,19 +387,25 @@ def migrate(src: str | Path, to: str, out: str | Path, check: bool = True) -> Pa
     reader = open_checkpoint(src)  # digest (S107) and format first
     tmp = out.parent / f".{out.name}.migrate-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        if reader.family == to:
-            raise MigrationError(f"{src}: already a {to} checkpoint (format {reader.fmt})")
+        if reader.family == to and mesh_data is None:
+            hint = "; --mesh-data N converts between the oracle's formats (1: one-process, N > 1: sharded)" if to == TORCH else ""
+            raise MigrationError(f"{src}: already a {to} checkpoint (format {reader.fmt}){hint}")
         run, step, dtype = source_run(reader)
+        drun = dest_run(run, mesh_data)
+        fmt = dest_format(to, drun)
+        if reader.fmt == fmt:
+            raise MigrationError(f"{src}: already a {to} checkpoint (format {reader.fmt}, runtime.mesh.data "
+                                 f"{drun.cfg.runtime.mesh.data}); the oracle resumes either of its formats on any number of ranks")
         if run.cfg.runtime.draws != "contract":
             _warn("the run draws on the device (runtime.draws: device): the destination continues it with its own "
                   "generator, so its continuation will not reproduce the source's (runtime.draws: contract does)")
         links = source_links(reader, run, step, dtype)
-        values = translate(reader, links)
+        values = translate(reader, links, to)
         tmp.mkdir()
-        rundir.check_owner(tmp, to, run.cfg.hash())  # run.json: the destination backend owns it (S104)
+        rundir.check_owner(tmp, to, drun.cfg.hash())  # run.json: the destination backend owns it (S104)
         extra = _migrated_extra(reader, step)
         write = _write_jax if to == JAX else _write_torch
-        path = write(run, step, links, values, tmp, extra)
+        path = write(drun, step, links, values, tmp, extra)
         del values
         if reader.path.parent.name == "checkpoints":  # the source run's metrics before the step (S101)
             lines = read_metric_lines(reader.path.parent.parent / "metrics.jsonl", step)
@@ -347,6 +438,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="checkpoint directory (RUN/checkpoints/step_XXXXXXXX) of the oracle or the JAX trainer")
     p.add_argument("--to", required=True, choices=BACKENDS, help="destination backend")
     p.add_argument("--out", required=True, help="new run directory for the destination backend (must not exist, or be empty)")
+    p.add_argument("--mesh-data", type=int, default=None, metavar="N",
+                   help="the destination's runtime.mesh.data (default: the source's); with --to torch, N > 1 writes the "
+                        "oracle's sharded (DCP) format for N ranks, N = 1 its one-process format")
     return p
 
 
@@ -357,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     try:
-        path = migrate(args.src, args.to, args.out)
+        path = migrate(args.src, args.to, args.out, mesh_data=args.mesh_data)
     except VPDError as e:
         print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
@@ -365,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_INPUT
     print(f"migrated {args.src} -> {path} (verified leaf by leaf against the source)")
-    print(f"resume with: python -m {'jax_impl' if args.to == JAX else 'oracle_torch'}.cli train CONFIG --out {args.out}")
+    n = ((read_meta_json(path).get("config") or {}).get("runtime") or {}).get("mesh", {}).get("data", 1)
+    print(f"resume with: python -m {'jax_impl' if args.to == JAX else 'oracle_torch'}.cli train CONFIG --out {args.out}"
+          f"   (CONFIG: the source's, with runtime.mesh.data: {n})")
     return 0
 
 

@@ -12,12 +12,17 @@ Adapters (`READERS`, keyed by the `format` a checkpoint's meta.json names):
   are the oracle's flat names; the safetensors header lists them, a leaf is read from its
   byte range straight into its own array (no memory map, so the resident set grows by that
   leaf alone);
+- `DcpReader` — the oracle's sharded checkpoint (FSDP2 on N ranks, written through
+  torch.distributed.checkpoint: `.metadata` + `__<rank>_0.distcp`); the tensors carry the
+  one-process flat names (so `family` is "torch" and the link table applies unchanged),
+  listed with their global shapes and dtypes from DCP's `.metadata`; a leaf is that ONE key
+  loaded whole in this process without a process group (DCP reads only that key's chunks,
+  from every rank's file, straight into the returned array);
 - `OrbaxReader` — the JAX checkpoint (orbax item `state`); leaf names are tree paths `a/b/c`
   from the item's metadata; a leaf is a partial restore of that single array as numpy.
 
-Another format (the oracle's FSDP2 / DCP sharded checkpoint) plugs in as one more class with
-the same four members, registered under its format string, with `family` "torch" when its
-leaf names are the oracle's flat names (then the link table applies unchanged)."""
+Another format plugs in as one more class with the same four members, registered under its
+format string in `READERS`."""
 from __future__ import annotations
 
 import json
@@ -32,6 +37,8 @@ from contract.errors import CheckpointError
 from parity.migrate_map import JAX, TORCH, MigrationError
 
 ORACLE_FORMAT = "vpd-torch-oracle-checkpoint/1"  # oracle_torch/checkpoint.py FORMAT
+ORACLE_DCP_FORMAT = "vpd-torch-oracle-checkpoint-dcp/1"  # oracle_torch/sharded_checkpoint.py DCP_FORMAT
+DCP_METADATA = ".metadata"  # DCP's index of a sharded checkpoint (oracle_torch/sharded_checkpoint.py)
 JAX_FORMAT = "vpd-jax-checkpoint/1"  # jax_impl/checkpoint.py FORMAT
 ORACLE_STATE_FILE = "state.safetensors"
 JAX_STATE_ITEM = "state"
@@ -125,6 +132,79 @@ class SafetensorsReader:
         pass
 
 
+_TORCH_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+class DcpReader:
+    """The oracle's sharded (DCP) checkpoint, read one whole tensor at a time in this process
+    alone (no process group; DCP reshards any world size to one)."""
+    family = TORCH
+    legacy_files = (DCP_METADATA,)
+
+    def __init__(self, path: Path, meta: dict):
+        import torch
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.filesystem import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        from torch.distributed.checkpoint.state_dict_loader import load
+
+        self.path, self.meta, self.fmt = path, meta, ORACLE_DCP_FORMAT
+        self._dcp_load, self._torch, self._dcp_error = load, torch, CheckpointException
+        try:
+            md = FileSystemReader(str(path)).read_metadata()
+        except Exception as e:  # noqa: BLE001 - an unreadable .metadata (pickle, missing) is a damaged checkpoint
+            raise CheckpointError(f"checkpoint {path}: {DCP_METADATA} unreadable ({type(e).__name__}: {e})") from None
+        self._leaves: dict[str, LeafInfo] = {}
+        self._tensor: set[str] = set()
+        self._files: dict[str, set[str]] = {}  # the shard files holding a key's chunks (named in a read error)
+        for idx, si in (md.storage_data or {}).items():
+            self._files.setdefault(getattr(idx, "fqn", ""), set()).add(str(getattr(si, "relative_path", "?")))
+        names = {getattr(torch, d): d for d in _TORCH_DTYPES}
+        for name, m in md.state_dict_metadata.items():
+            if isinstance(m, TensorStorageMetadata):
+                dt = m.properties.dtype
+                self._leaves[name] = LeafInfo(tuple(int(s) for s in m.size), names.get(dt, str(dt).removeprefix("torch.")))
+                self._tensor.add(name)
+            else:  # a pickled object, not a tensor: named by no link (UNCLAIMED), never loaded
+                self._leaves[name] = LeafInfo((), "object")
+
+    def leaves(self) -> dict[str, LeafInfo]:
+        return dict(self._leaves)
+
+    def load(self, name: str) -> np.ndarray:
+        """One tensor, whole: DCP reads only this key's chunks (from every rank's file that
+        holds one) into an array allocated here, so the resident set grows by that tensor and
+        one chunk in flight."""
+        import warnings
+
+        if name not in self._leaves:
+            raise MigrationError(f"{self.path / DCP_METADATA}: no leaf {name!r}")
+        info = self._leaves[name]
+        if name not in self._tensor:
+            raise MigrationError(f"{self.path / DCP_METADATA}: leaf {name!r} is a pickled object, not a tensor")
+        if info.dtype not in _TORCH_DTYPES or info.dtype == "bfloat16":
+            raise MigrationError(f"{self.path}: leaf {name!r} is {info.dtype}, which this tool does not read "
+                                 "(the oracle's states are float32 or float64)")
+        out = np.empty(info.shape, dtype=np.dtype(info.dtype))
+        try:
+            with warnings.catch_warnings():  # DCP's note that no_dist means one process: that is the intent
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+                self._dcp_load({name: self._torch.from_numpy(out)}, checkpoint_id=str(self.path), no_dist=True)
+        except (Exception, self._dcp_error) as e:  # noqa: BLE001 - DCP wraps every reading failure (truncated shard,
+            # missing file) in its CheckpointException, a BaseException
+            fails = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+            first = next(iter(fails.values())) if isinstance(fails, dict) and fails else None
+            cause = first[0] if isinstance(first, tuple) and first and isinstance(first[0], BaseException) else e
+            msg = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), "")[:200]
+            files = ", ".join(sorted(self._files.get(name, ()))) or "?"
+            raise CheckpointError(f"{self.path}: leaf {name!r} unreadable from its DCP shards ({files}): "
+                                  f"{type(cause).__name__}: {msg}") from None
+        return out
+
+    def close(self) -> None:
+        pass
+
+
 def _keystr(k) -> str:
     return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
 
@@ -191,7 +271,7 @@ class OrbaxReader:
         self._ck.close()
 
 
-READERS: dict[str, type] = {ORACLE_FORMAT: SafetensorsReader, JAX_FORMAT: OrbaxReader}
+READERS: dict[str, type] = {ORACLE_FORMAT: SafetensorsReader, ORACLE_DCP_FORMAT: DcpReader, JAX_FORMAT: OrbaxReader}
 
 
 def open_checkpoint(path: str | Path, verify: bool = True) -> CheckpointReader:

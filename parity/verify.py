@@ -2,21 +2,27 @@
 
     python -m parity.verify SRC_CHECKPOINT DST_CHECKPOINT
 
-SRC and DST are checkpoint directories (`.../checkpoints/step_XXXXXXXX`), one written by the
-oracle and one by the JAX trainer, in either order. The verifier
+SRC and DST are checkpoint directories (`.../checkpoints/step_XXXXXXXX`), a checkpoint and its
+migration, in either order: any pair of the oracle's one-process format (safetensors), the
+oracle's sharded format (DCP, written on N ranks) and the JAX trainer's (orbax) — oracle and
+JAX either way, or the oracle's two formats (the same flat names; the copy is the identity).
+The verifier
 1. checks both against their digests (S107) and reads their meta.json;
 2. builds the links of the source's run from the migration's own table
    (parity/migrate_map.py::build_links: the mapping tested is the mapping applied) and
    proves they cover both trees one to one: every leaf of either checkpoint is named by
    exactly one link (a leaf left over, or one a link names but the checkpoint lacks, fails
    its group as UNCLAIMED / MISSING);
-3. loads ONE leaf pair at a time (safetensors opened lazily, orbax restoring that single
-   array), maps the source leaf through the link (the layout table's transform, the declared
+3. loads ONE leaf pair at a time (safetensors reading one byte range, DCP loading that one
+   key whole without a process group, orbax restoring that single array), maps the source
+   leaf through the link (the layout table's transform between the frameworks, the declared
    counter dtypes) and compares bit for bit with shape and dtype; a tensor that equals the
    transpose is TRANSPOSED (contract/layout_diff.py), not "values differ";
-4. compares the metadata: config, config hash, dtype, target weights, `extra`, and the
-   generator (the migrated side records the source's generator in
-   `extra.migrated_from`; a JAX side names the production generator of its config).
+4. compares the metadata: config (`runtime.mesh` aside: a checkpoint resumes on another
+   mesh, S111; each side's config hash must be its own config's), dtype, target weights,
+   `extra`, a sharded side's `world_size` (its config's `runtime.mesh.data`), and the
+   generator (the migrated side records the source's generator in `extra.migrated_from`; a
+   JAX side names the production generator of its own config's mesh).
 
 It prints one line per failing leaf and PASS/FAIL per group (components, CI function,
 optimizer states, sources, counters, config), then the verdict. Exit code: 0 every group
@@ -34,13 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.checkpoint_meta import computed
 from contract.config import ConfigError, parse_config
 from contract.errors import EXIT_INPUT, VPDError
 from contract.layout import TRANSFORMS
 from contract.layout_diff import IDENTICAL, SHAPE_DIFFERS, TRANSPOSED, VALUES_DIFFER, Tensor, compare
 from contract.resolve import ResolvedRun, resolve_run
 from contract.runlog import one_line
-from parity.migrate_io import CheckpointReader, LeafInfo, open_checkpoint
+from parity.migrate_io import ORACLE_DCP_FORMAT, CheckpointReader, LeafInfo, open_checkpoint
 from parity.migrate_map import (
     CONFIG,
     COUNTERS,
@@ -145,13 +152,25 @@ def _partner(name: str) -> str | None:
     return None
 
 
-def _compare_tensor(lk: Link, src: _Loader, dst: _Loader, src_side: str, links_by_torch: dict[str, Link]) -> Row:
-    sleaf = lk.torch if src_side == TORCH else lk.jax[0]
-    dleaf = lk.jax[0] if src_side == TORCH else lk.torch
-    assert sleaf is not None and dleaf is not None
+def _leaves_of(lk: Link, side: str) -> list[str]:
+    """The leaves a link names in a checkpoint of family `side` (none: that side stores none)."""
+    if side == TORCH:
+        return [lk.torch] if lk.torch is not None else []
+    return list(lk.jax)
+
+
+def _transform(lk: Link, src_side: str, dst_side: str) -> str:
+    """The layout transform from the source's leaf to the destination's: the layout table's
+    between the frameworks, the identity between the oracle's two formats."""
+    return lk.transform() if src_side != dst_side else "identity"
+
+
+def _compare_tensor(lk: Link, src: _Loader, dst: _Loader, src_side: str, dst_side: str,
+                    links_by_torch: dict[str, Link]) -> Row:
+    sleaf, dleaf = _leaves_of(lk, src_side)[0], _leaves_of(lk, dst_side)[0]
     label = f"{sleaf} -> {dleaf}" if sleaf != dleaf else sleaf
     a = src.load(sleaf)
-    exp = _apply(lk.transform(), a)  # identity/transpose are self-inverse (contract/layout.py)
+    exp = _apply(_transform(lk, src_side, dst_side), a)  # identity/transpose are self-inverse (contract/layout.py)
     b = dst.load(dleaf)
     if str(a.dtype) != str(b.dtype):
         return Row(lk.group, label, DTYPE_DIFFERS, f"SRC {a.dtype}, DST {b.dtype}")
@@ -163,15 +182,15 @@ def _compare_tensor(lk: Link, src: _Loader, dst: _Loader, src_side: str, links_b
     p = _partner(lk.name)
     if p is not None and r.status != TRANSPOSED and p in links_by_torch:
         pl = links_by_torch[p]
-        pleaf = pl.torch if src_side == TORCH else pl.jax[0]
-        if pleaf is not None and pleaf in src.info:
-            pe = _apply(pl.transform(), src.load(pleaf))
+        pleaf = _leaves_of(pl, src_side)[0]
+        if pleaf in src.info:
+            pe = _apply(_transform(pl, src_side, dst_side), src.load(pleaf))
             if compare(p, _tensor(pe), _tensor(b)).status == IDENTICAL:
                 detail = f"DST holds SRC {pleaf} (V and U swapped)" + (f"; {detail}" if detail else "")
     return Row(lk.group, label, r.status, detail)
 
 
-def _counter_values(lk: Link, loader: _Loader, leaves: tuple[str, ...]) -> list[int | str]:
+def _counter_values(loader: _Loader, leaves: list[str]) -> list[int | str]:
     out: list[int | str] = []
     for leaf in leaves:
         v = loader.load(leaf)
@@ -180,17 +199,16 @@ def _counter_values(lk: Link, loader: _Loader, leaves: tuple[str, ...]) -> list[
     return out
 
 
-def _compare_counter(lk: Link, src: _Loader, dst: _Loader, src_side: str) -> Row:
-    t_loader, j_loader = (src, dst) if src_side == TORCH else (dst, src)
-    assert lk.torch is not None
-    tv = _counter_values(lk, t_loader, (lk.torch,))
-    jv = _counter_values(lk, j_loader, lk.jax)
-    label = f"{lk.torch} <-> {' = '.join(lk.jax)}"
-    if len(set(map(str, jv))) > 1:
-        return Row(lk.group, label, VALUES_DIFFER, "the JAX copies disagree: " + ", ".join(f"{x}={v}" for x, v in zip(lk.jax, jv, strict=True)))
-    if str(tv[0]) != str(jv[0]):
-        sv, dv = (tv[0], jv[0]) if src_side == TORCH else (jv[0], tv[0])
-        return Row(lk.group, label, VALUES_DIFFER, f"SRC {sv}, DST {dv}")
+def _compare_counter(lk: Link, src: _Loader, dst: _Loader, src_side: str, dst_side: str) -> Row:
+    sl, dl = _leaves_of(lk, src_side), _leaves_of(lk, dst_side)
+    sv, dv = _counter_values(src, sl), _counter_values(dst, dl)
+    t_leaves, j_leaves = (sl, dl) if src_side == TORCH else (dl, sl)
+    label = f"{' = '.join(t_leaves)} <-> {' = '.join(j_leaves)}"
+    for leaves, vals in ((sl, sv), (dl, dv)):
+        if len(set(map(str, vals))) > 1:
+            return Row(lk.group, label, VALUES_DIFFER, "the JAX copies disagree: " + ", ".join(f"{x}={v}" for x, v in zip(leaves, vals, strict=True)))
+    if str(sv[0]) != str(dv[0]):
+        return Row(lk.group, label, VALUES_DIFFER, f"SRC {sv[0]}, DST {dv[0]}")
     return Row(lk.group, label, IDENTICAL)
 
 
@@ -213,22 +231,46 @@ def _compare_hyper(lk: Link, jax_loader: _Loader) -> Row:
     return Row(lk.group, leaf, IDENTICAL)
 
 
-def _meta_rows(run: ResolvedRun, sm: dict, dm: dict, step: int) -> list[Row]:
+def _mesh_data(meta: dict):
+    """The `runtime.mesh.data` of a checkpoint's stored config (1 when it names none)."""
+    rt = (meta.get("config") or {}).get("runtime") or {}
+    return (rt.get("mesh") or {}).get("data", 1)
+
+
+def _own_hash(meta: dict) -> str | None:
+    """The hash of a checkpoint's stored config (None: it does not parse)."""
+    import copy
+    try:
+        cfg = meta.get("config")
+        return parse_config(copy.deepcopy(cfg), "stored config").hash() if isinstance(cfg, dict) else None
+    except (ConfigError, ValueError, TypeError):
+        return None
+
+
+def _meta_rows(run: ResolvedRun, sm: dict, dm: dict, step: int, formats: tuple[str, str]) -> list[Row]:
     rows = []
 
     def same(group: str, field: str, a, b) -> None:
         rows.append(Row(group, f"meta.json {field}", IDENTICAL if a == b else VALUES_DIFFER,
                         "" if a == b else f"SRC {_short(a)}, DST {_short(b)}"))
 
-    if sm.get("config") != dm.get("config"):
+    sc, dc = sm.get("config") or {}, dm.get("config") or {}
+    if computed(sc) != computed(dc):  # runtime.mesh may differ: where a run runs is not what it computes (S111)
         from contract.config import config_diff
-        diff = config_diff(sm.get("config") or {}, dm.get("config") or {})
+        diff = config_diff(computed(sc), computed(dc))
         rows.append(Row(CONFIG, "meta.json config", VALUES_DIFFER, "; ".join(x.strip() for x in diff[:5])))
     else:
         rows.append(Row(CONFIG, "meta.json config", IDENTICAL))
-    same(CONFIG, "config_hash", sm.get("config_hash"), dm.get("config_hash"))
-    if sm.get("config_hash") != run.cfg.hash():
-        rows.append(Row(CONFIG, "meta.json config_hash (SRC)", VALUES_DIFFER, f"{sm.get('config_hash')} is not the hash of its config ({run.cfg.hash()})"))
+    for label, m, h in (("SRC", sm, run.cfg.hash()), ("DST", dm, _own_hash(dm))):
+        ok = m.get("config_hash") == h
+        rows.append(Row(CONFIG, f"meta.json config_hash ({label})", IDENTICAL if ok else VALUES_DIFFER,
+                        "" if ok else f"{m.get('config_hash')} is not the hash of its config ({h})"))
+    for label, m, fmt in (("SRC", sm, formats[0]), ("DST", dm, formats[1])):
+        if fmt == ORACLE_DCP_FORMAT:  # the oracle's sharded save records the ranks it ran on = its config's mesh
+            ws, n = m.get("world_size"), _mesh_data(m)
+            ok = isinstance(ws, int) and not isinstance(ws, bool) and ws == n
+            rows.append(Row(CONFIG, f"meta.json world_size ({label})", IDENTICAL if ok else VALUES_DIFFER,
+                            "" if ok else f"{ws!r}, its config's runtime.mesh.data is {n!r}"))
     same(CONFIG, "dtype", sm.get("dtype"), dm.get("dtype"))
     same(CONFIG, "target_sha256", sm.get("target_sha256"), dm.get("target_sha256"))
     se = {k: v for k, v in (sm.get("extra") or {}).items() if k != MIGRATED_FROM}
@@ -246,34 +288,38 @@ def _short(x) -> str:
 
 
 def _generator_row(run: ResolvedRun, sm: dict, dm: dict) -> Row:
-    """The generator metadata: the migrated side names the other side's generator, backend and
-    step in `extra.migrated_from`, and a JAX side names the production generator its config
+    """The generator metadata: the migrated side names the other side's generator, backend,
+    step and format in `extra.migrated_from`, and a JAX side names the production generator its config
     implies (the JAX trainer refuses a resume under another, S91)."""
     name = "generator (meta.json prng_impl, extra.migrated_from)"
     problems = []
     for label, m in (("SRC", sm), ("DST", dm)):
         if m.get("backend") == "jax":
             from jax_impl.train import prng_impl
-            want = prng_impl(run.cfg.runtime.mesh.data)
+            want = prng_impl(_mesh_data(m))
             if generator_of(m) != want:
                 problems.append(f"{label} prng_impl {generator_of(m)!r}, its config draws with {want!r}")
     mig = [(label, m, other) for label, m, other in (("DST", dm, sm), ("SRC", sm, dm))
            if isinstance((m.get("extra") or {}).get(MIGRATED_FROM), dict)]
     if not mig:
         problems.append("neither side records extra.migrated_from (not a migration of the other)")
-    else:
-        label, m, other = mig[0]
-        rec = m["extra"][MIGRATED_FROM]
-        for k, want in (("generator", generator_of(other)), ("backend", other.get("backend")), ("step", other.get("step"))):
-            if rec.get(k) != want:
-                problems.append(f"{label} extra.migrated_from.{k} is {rec.get(k)!r}, the other side's is {want!r}")
+    else:  # the migrated side is the one whose record names the other (both record one after a chain of migrations)
+        found = []
+        for label, m, other in mig:
+            rec = m["extra"][MIGRATED_FROM]
+            found.append([f"{label} extra.migrated_from.{k} is {rec.get(k)!r}, the other side's is {want!r}"
+                          for k, want in (("generator", generator_of(other)), ("backend", other.get("backend")),
+                                          ("step", other.get("step")), ("format", other.get("format")))
+                          if rec.get(k) != want])
+        if all(found):
+            problems += found[0]
     return Row(CONFIG, name, VALUES_DIFFER if problems else IDENTICAL, "; ".join(problems))
 
 
 def verify_readers(src: CheckpointReader, dst: CheckpointReader, load_all: bool = False) -> Report:
-    if {src.family, dst.family} != {TORCH, JAX}:
-        raise MigrationError(f"{src.path} and {dst.path} are both {src.family} checkpoints: the verifier compares a "
-                             "checkpoint with its migration to the other framework")
+    if src.family == dst.family == JAX:
+        raise MigrationError(f"{src.path} and {dst.path} are both jax checkpoints: the verifier compares a "
+                             "checkpoint with its migration (to the other framework, or between the oracle's two formats)")
     cfg = src.meta.get("config")
     if not isinstance(cfg, dict):
         raise MigrationError(f"{src.path / 'meta.json'}: field 'config' missing")
@@ -285,8 +331,9 @@ def verify_readers(src: CheckpointReader, dst: CheckpointReader, load_all: bool 
     if not isinstance(step, int) or dtype not in ("float32", "float64"):
         raise MigrationError(f"{src.path / 'meta.json'}: step {step!r} / dtype {dtype!r} is not a checkpoint's")
     sl, dl = _Loader(src, load_all), _Loader(dst, load_all)
-    torch_l = sl if src.family == TORCH else dl
-    jax_l = dl if src.family == TORCH else sl
+    ss, ds = src.family, dst.family
+    torch_l = sl if ss == TORCH else dl
+    jax_ls = [x for x, side in ((sl, ss), (dl, ds)) if side == JAX]
     links = build_links(run, step, dtype, torch_opt_groups_of(torch_l.info))
     rows: list[Row] = []
     gaps: set[str] = set()
@@ -299,13 +346,13 @@ def verify_readers(src: CheckpointReader, dst: CheckpointReader, load_all: bool 
             rows.append(Row(g, leaf, UNCLAIMED, f"{label} ({side}) leaf named by no link of the migration table"))
     by_torch = {lk.torch: lk for lk in links if lk.torch is not None}
     for lk in links:
-        leaves = [(TORCH, lk.torch, torch_l)] if lk.torch is not None else []
-        leaves += [(JAX, x, jax_l) for x in lk.jax]
+        leaves = [(ss, x, sl) for x in _leaves_of(lk, ss)] + [(ds, x, dl) for x in _leaves_of(lk, ds)]
+        if not leaves:
+            continue  # a JAX-only leaf (zeros, hyper) between the oracle's two formats: on neither side
         if any(leaf in gaps for _, leaf, _ in leaves):
             continue  # already failed as MISSING
         bad = None
         for side, leaf, loader in leaves:
-            assert leaf is not None
             want_dtype = lk.torch_dtype if side == TORCH else lk.jax_dtype
             want_shape = lk.shape if side == TORCH else lk.jax_shape()
             bad = bad or _dtype_rows(lk, side, leaf, loader.info[leaf], want_dtype, want_shape)
@@ -313,14 +360,14 @@ def verify_readers(src: CheckpointReader, dst: CheckpointReader, load_all: bool 
             rows.append(bad)  # a tensor of the wrong shape goes on to the comparison (TRANSPOSED, swapped V/U)
             continue
         if lk.kind == "tensor":
-            rows.append(_compare_tensor(lk, sl, dl, src.family, by_torch))
+            rows.append(_compare_tensor(lk, sl, dl, ss, ds, by_torch))
         elif lk.kind == "counter":
-            rows.append(_compare_counter(lk, sl, dl, src.family))
+            rows.append(_compare_counter(lk, sl, dl, ss, ds))
         elif lk.kind == "zeros":
-            rows.append(_compare_zeros(lk, jax_l))
+            rows += [_compare_zeros(lk, jl) for jl in jax_ls]
         else:
-            rows.append(_compare_hyper(lk, jax_l))
-    rows += _meta_rows(run, src.meta, dst.meta, step)
+            rows += [_compare_hyper(lk, jl) for jl in jax_ls]
+    rows += _meta_rows(run, src.meta, dst.meta, step, (src.fmt, dst.fmt))
     return Report(rows, str(src.path), str(dst.path))
 
 
