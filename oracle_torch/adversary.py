@@ -16,12 +16,12 @@ from oracle_torch.losses import summed
 from oracle_torch.recon import route_from_uniforms
 
 
-def expand_rows(ctx: StepContext, src: torch.Tensor, scope: str) -> torch.Tensor:
-    """S83: under scope nsc, batch row b (of the global batch, S108) uses source row b mod n;
-    other scopes broadcast."""
+def expand_rows(src: torch.Tensor, rows: torch.Tensor, scope: str) -> torch.Tensor:
+    """S83: under scope nsc, batch row b uses source row b mod n, b the global index of each
+    of this batch's `rows` (S108); other scopes broadcast."""
     if scope != "nsc":
         return src
-    return src[ctx.ranks.row_ids(ctx.batch.shape[0]) % src.shape[0]]
+    return src[rows % src.shape[0]]
 
 
 def source_modes(ctx: StepContext, live, ci: dict, srcs: dict, routes, scope: str) -> dict[str, SiteMode]:
@@ -29,7 +29,7 @@ def source_modes(ctx: StepContext, live, ci: dict, srcs: dict, routes, scope: st
     modes = {}
     for j, name in enumerate(live):
         C = ctx.run.site(name).C
-        src = expand_rows(ctx, srcs[name], scope)
+        src = expand_rows(srcs[name], ctx.ranks.row_ids(ctx.batch.shape[0]), scope)
         mask = ci[name] + (1 - ci[name]) * src[..., :C]
         dm = src[..., C] if ctx.run.cfg.use_delta_component else None
         modes[name] = SiteMode(mask, dm, None if routes is None else routes[..., j])

@@ -102,7 +102,7 @@ def _rows(state: TrainState, bundle: str, t: torch.Tensor) -> torch.Tensor:
     """A bundle's tensor as the global one: on N ranks a per-position one is this rank's rows."""
     if bundle not in state.row_sharded:
         return t
-    return sc.rows_dtensor(t, next(iter(state.params.values())).device_mesh)
+    return sc.rows_dtensor(t, state.mesh)
 
 
 def _versions() -> dict:

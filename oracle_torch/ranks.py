@@ -62,7 +62,9 @@ class Ranks:
         if not self.sharded:
             return x
         import torch.distributed._functional_collectives as fc
-        return fc.all_reduce(x, "sum", dist.group.WORLD)
+        group = dist.group.WORLD
+        assert group is not None  # sharded => the process group exists (join)
+        return fc.all_reduce(x, "sum", group)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """The mean over every global position of `x`, whose rows this rank holds (S109)."""

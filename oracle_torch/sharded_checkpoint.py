@@ -24,8 +24,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from contract.checkpoint_digest import unreadable
 from oracle_torch.ranks import local
@@ -41,13 +43,13 @@ def tmp_dir(final: Path) -> Path:
 
 def write_shards(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Collective: every rank writes its shards of `tensors` into `tmp` (DCP)."""
-    dcp.save(tensors, checkpoint_id=str(tmp))
+    dcp_save(tensors, checkpoint_id=str(tmp))
 
 
 def saved_tensors(path: Path) -> dict:
     """{name: DCP tensor metadata (size, dtype)} of a sharded checkpoint."""
     try:
-        md = dcp.FileSystemReader(str(path)).read_metadata()
+        md = FileSystemReader(str(path)).read_metadata()
     except Exception as e:  # noqa: BLE001 - an unreadable .metadata is a damaged checkpoint
         raise unreadable(path, DCP_METADATA, e) from e
     return dict(md.state_dict_metadata)
@@ -72,7 +74,7 @@ def _load(path: Path, tensors: dict, no_dist: bool) -> None:
     try:
         with warnings.catch_warnings():  # DCP's note that no_dist means one process: that is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp.load(tensors, checkpoint_id=str(path), no_dist=no_dist)
+            dcp_load(tensors, checkpoint_id=str(path), no_dist=no_dist)
     except Exception as e:  # noqa: BLE001 - DCP wraps every reading failure (truncated shard, missing file)
         raise unreadable(path, "its DCP shards", e) from e
 
@@ -80,8 +82,7 @@ def _load(path: Path, tensors: dict, no_dist: bool) -> None:
 def like(template: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     """`whole` laid out like `template`: this rank's shard of a DTensor template, else itself."""
     if isinstance(template, DTensor):
-        return torch.distributed.tensor.distribute_tensor(whole, template.device_mesh, template.placements,
-                                                         src_data_rank=None)
+        return distribute_tensor(whole, template.device_mesh, template.placements, src_data_rank=None)
     return whole
 
 

@@ -12,6 +12,7 @@ rows of the global batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from contract.init import init_state
 from contract.resolve import ResolvedRun, persistent_cfg
 from oracle_torch.adversary import init_source_opt
 from oracle_torch.ranks import ONE, Ranks
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -48,6 +52,7 @@ class TrainState:
     ranks: Ranks = ONE
     module: Trainable | None = None  # the FSDP2-sharded home of `params` on N ranks (S108), else None
     row_sharded: frozenset[str] = frozenset()  # bundles whose sources hold this rank's batch rows (N ranks, bsc)
+    mesh: DeviceMesh | None = None  # the ranks' device mesh (N ranks), else None
 
     def group(self, prefix: str) -> list[str]:
         return [n for n in self.params if n.startswith(prefix)]
@@ -84,7 +89,7 @@ def _adamw(params: list, oc: OptimizerConfig) -> torch.optim.AdamW:
                              weight_decay=oc.weight_decay, foreach=False)
 
 
-def per_position(run: ResolvedRun, bundle: str) -> bool:
+def per_position(run: ResolvedRun, bundle: str | None) -> bool:
     """Whether a persistent bundle's sources are per position (`bsc`: sharded with the batch)."""
     return persistent_cfg(run, next(t for t in run.recon_terms if t.bundle == bundle)).scope == "bsc"
 
@@ -94,12 +99,12 @@ def make_state(run: ResolvedRun, arrays: dict[str, np.ndarray] | None, dtype, ra
     whole tensors; on N ranks sharded here (S108)."""
     arrays = init_state(run) if arrays is None else arrays
     params = make_params({n: a for n, a in arrays.items() if not n.startswith("sources.")}, dtype)
-    module = None
+    module = mesh = None
     if ranks.sharded:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        module = Trainable(params)
-        fully_shard(module, mesh=init_device_mesh("cpu", (ranks.world,)), reshard_after_forward=True)
+        module, mesh = Trainable(params), init_device_mesh("cpu", (ranks.world,))
+        fully_shard(module, mesh=mesh, reshard_after_forward=True)
         params = module.params()  # fully_shard replaced them by sharded DTensor parameters
     comp = [p for n, p in params.items() if n.startswith("components.")]
     ci = [p for n, p in params.items() if n.startswith("ci_fn.")]
@@ -115,4 +120,4 @@ def make_state(run: ResolvedRun, arrays: dict[str, np.ndarray] | None, dtype, ra
                                  for s in run.sites}
     return TrainState(params, _adamw(comp, o.components), _adamw(ci, o.ci_fn),
                       sources=sources, source_opt={b: init_source_opt(v) for b, v in sources.items()},
-                      ranks=ranks, module=module, row_sharded=frozenset(row_sharded))
+                      ranks=ranks, module=module, row_sharded=frozenset(row_sharded), mesh=mesh)

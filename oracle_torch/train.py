@@ -185,7 +185,7 @@ def step_forward(params: dict, run: ResolvedRun, model: DecomposedModel, state: 
     return total, terms, {n: c.detach() for n, c in ci_lower.items()}, src_grads, detached
 
 
-def source_norm(run: ResolvedRun, ranks: Ranks, bundle: str, t: torch.Tensor) -> float:
+def source_norm(run: ResolvedRun, ranks: Ranks, bundle: str | None, t: torch.Tensor) -> float:
     """The norm of one source tensor or its gradient over the global batch (a per-position
     source holds this rank's rows)."""
     if ranks.sharded and per_position(run, bundle):
@@ -193,7 +193,7 @@ def source_norm(run: ResolvedRun, ranks: Ranks, bundle: str, t: torch.Tensor) ->
     return float(torch.linalg.vector_norm(t))
 
 
-def source_sq(run: ResolvedRun, ranks: Ranks, bundle: str, t: torch.Tensor) -> float:
+def source_sq(run: ResolvedRun, ranks: Ranks, bundle: str | None, t: torch.Tensor) -> float:
     """sum(t ** 2) over the global batch."""
     sq = (t ** 2).sum()
     return float(ranks.sum(sq) if per_position(run, bundle) else sq)

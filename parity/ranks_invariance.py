@@ -216,7 +216,7 @@ def first_divergence(worst: dict[str, Worst]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m parity.ranks_invariance", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m parity.ranks_invariance", description=(__doc__ or "").split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("worker", help="(internal) run cases as one rank")
     w.add_argument("cases", nargs="+")

@@ -34,14 +34,27 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     # same math; only the order of the batch sums (each rank's partial sum, then the
     # all-reduce) and of FSDP2's gradient reduce-scatter (sum of N shares, then / N) differ
     ("float64", "ranks_step0"): Tol(1e-12, 0.0, 0.0,
-        "reassociated batch sums in double: observed <= 4e-16 at step 0 on every rank case"),
+        "reassociated batch sums in double: observed <= 4.3e-15 at step 0 (ranks_resid, 4 ranks)"),
     ("float64", "ranks_trajectory"): Tol(1e-10, 0.0, 0.0,
-        "20 AdamW steps amplify the 1e-16 reassociation (Adam divides by sqrt(v)); observed <= 1e-14"),
+        "20 AdamW steps amplify the 1e-16 reassociation (Adam divides by sqrt(v)); observed <= 1.1e-14"),
     ("float32", "ranks_step0"): Tol(1e-5, 0.0, 0.0,
-        "reassociated batch sums in single precision (eps 1.2e-7, sums over up to 64 positions)"),
-    ("float32", "ranks_trajectory"): Tol(1e-3, 0.0, 0.0,
-        "20 single-precision AdamW steps: the first steps' normalised updates (m/sqrt(v) ~ sign of the "
-        "gradient) turn 1e-7 noise into changes of lr size on near-zero gradient entries"),
+        "reassociated batch sums in single precision (eps 1.2e-7, sums over up to 64 positions and "
+        "1000-wide inputs): observed <= 1.9e-6 (ranks_resid, 4 ranks)"),
+    ("float32", "ranks_trajectory"): Tol(1e-4, 0.0, 0.0,
+        "20 single-precision AdamW steps amplify the step-0 noise; observed <= 7.8e-6 on the final "
+        "state (ranks_resid, 4 ranks)"),
+    # the JAX trainer on a (data, components) mesh or several processes against itself on one
+    # device (S142, parity/mesh_invariance.py, tests/test_jax_mesh_invariance.py): the same
+    # program partitioned by XLA; only the order of the sums over the batch and over C differs
+    ("float64", "mesh_step0"): Tol(1e-12, 0.0, 0.0,
+        "reassociated batch / component sums in double (~1e-16 per op): terms and gradient leaves"),
+    ("float64", "mesh_trajectory"): Tol(1e-10, 0.0, 0.0,
+        "20 AdamW steps amplify the 1e-16 reassociation (Adam divides by sqrt(v))"),
+    ("float32", "mesh_step0"): Tol(1e-5, 0.0, 0.0,
+        "reassociated sums in single precision (eps 1.2e-7, sums over batch x positions and C)"),
+    ("float32", "mesh_trajectory"): Tol(1e-3, 0.0, 0.0,
+        "20 single-precision AdamW steps: normalised updates (m/sqrt(v)) turn 1e-7 noise on near-zero "
+        "gradient entries into changes of lr size, then every later loss moves with them"),
 }
 
 def tol(precision: str, what: str) -> Tol:

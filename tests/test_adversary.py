@@ -40,7 +40,7 @@ def _torch_setup(run):
     torch.set_num_threads(1)
     state = make_state(run, init_state(run), torch.float64)
     model = DecomposedModel(run, state.params, torch.float64)
-    faithfulness_warmup(run, model, state.params)
+    faithfulness_warmup(run, model, state)
     batch = torch.as_tensor(batch_for_step(run, run.cfg.seed, 0), dtype=torch.float64)
     draws = {k: torch.as_tensor(v) for k, v in sample_numpy(draw_plan(run), run.cfg.seed, 0).items()}
     with torch.no_grad():
@@ -71,10 +71,13 @@ def test_torch_nsc_rows_are_b_mod_n():
     import torch
 
     from oracle_torch.adversary import expand_rows
+    from oracle_torch.ranks import Ranks
     src = torch.arange(3.0)[:, None] * torch.ones(3, 2)
-    rows = expand_rows(src, 7, "nsc")
+    rows = expand_rows(src, torch.arange(7), "nsc")
     assert rows[:, 0].tolist() == [b % 3 for b in range(7)]
-    assert expand_rows(src[:1], 7, "sc") is not None and expand_rows(src[:1], 7, "sc").shape == (1, 2)
+    assert expand_rows(src[:1], torch.arange(7), "sc").shape == (1, 2)
+    # S108: on rank 1 of 2 with 4 local rows the batch rows are 4..7 of the global batch
+    assert expand_rows(src, Ranks(world=2, rank=1).row_ids(4), "nsc")[:, 0].tolist() == [b % 3 for b in range(4, 8)]
 
 
 PPGD = {"type": "persistent_pgd_recon", "coeff": 0.7, "scope": "sc", "n_warmup": 1,

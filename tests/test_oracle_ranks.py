@@ -42,11 +42,12 @@ def test_world_size_changes_nothing(worlds, name, precision, world):
 def test_cases_see_what_they_claim():
     """The sharded paths are exercised: per-position (bsc) and shared persistent sources,
     fresh-PGD scopes bsc/c/bc, and batches that 4 ranks split."""
+    from contract.config import FreshPGDTerm, PersistentPGDTerm
     from parity.ranks_invariance import case_run
     ppgd = case_run("ranks_tms_ppgd", "float64", 4).cfg
-    assert {t.scope for t in ppgd.loss_terms if t.type.startswith("persistent")} == {"c", "nsc", "bsc"}
+    assert {t.scope for t in ppgd.loss_terms if isinstance(t, PersistentPGDTerm)} == {"c", "nsc", "bsc"}
     fresh = case_run("ranks_fresh_pgd", "float64", 4).cfg
-    assert {t.scope for t in fresh.loss_terms if t.type.startswith("pgd")} == {"bsc", "c", "bc"}
+    assert {t.scope for t in fresh.loss_terms if isinstance(t, FreshPGDTerm)} == {"bsc", "c", "bc"}
     for n in NAMES:
         cfg = case_run(n, "float64", 4).cfg
         assert cfg.batch_size % 4 == 0 and cfg.steps == 20

@@ -158,13 +158,23 @@ def test_launcher_world_size_other_than_the_config_is_refused(runs):
     assert "runtime.mesh.data: 2 ranks in the config, but the launcher started WORLD_SIZE=3" in p.stderr, p.stderr
 
 
-def test_a_dying_rank_stops_the_run_and_is_named(runs):
+@pytest.mark.parametrize("where", ["step", "save"])
+def test_a_dying_rank_stops_the_run_and_is_named(runs, where):
+    """Rank 1 is killed before step 4, or while the ranks write the step-6 checkpoint: the
+    run stops (no hang), the launcher names rank 1, and the step-3 checkpoint is intact and
+    resumes on one process to the uninterrupted trajectory (a half-written save leaves no
+    step directory)."""
     d, configs = runs
+    out = d / f"dies_{where}"
     code = ("import sys; from oracle_torch.launch import launch; "
-            f"sys.exit(launch(2, ['train', {str(configs[2])!r}, '--out', {str(d / 'dies')!r}, '--quiet'], "
+            f"sys.exit(launch(2, ['train', {str(configs[2])!r}, '--out', {str(out)!r}, '--quiet'], "
             "'vpd-oracle', module='tests.rank_fault'))")
-    p = _run(["-c", code], _env(VPD_TEST_DIE_RANK="1", VPD_TEST_DIE_STEP="4"))
+    fault = {"VPD_TEST_DIE_RANK": "1", "VPD_TEST_DIE_STEP": "4" if where == "step" else str(STEPS)}
+    p = _run(["-c", code], _env(**fault, **({"VPD_TEST_DIE_IN_SAVE": "1"} if where == "save" else {})))
     assert p.returncode == 128 + 9, p.stderr[-3000:]  # the launcher returns the dead rank's own status
     assert "vpd-oracle: error: rank 1 of 2 failed (killed by signal 9)" in p.stderr, p.stderr[-3000:]
-    # the work before the death is kept: the step-3 checkpoint resumes on one process
-    assert (d / "dies" / "checkpoints" / "step_00000003" / "digest.json").is_file()
+    steps = sorted(c.name for c in (out / "checkpoints").glob("step_*"))
+    assert steps == ["step_00000003"], steps
+    _train(configs[1], out)
+    _same_metrics(d / "one", out, 1e-10)
+    _same_state(d / "one", out, 1e-10)
