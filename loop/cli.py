@@ -233,8 +233,9 @@ def cmd_train(backend: str, args, argv: list[str]) -> int:
         if be.primary:
             print_summary(summary)
         if summary["interrupted"]:
-            print(f"interrupted by {summary['signal']} at step {summary['step']}; rerun the same command to resume",
-                  file=sys.stderr)
+            if be.primary:
+                print(f"interrupted by {summary['signal']} at step {summary['step']}; rerun the same command to resume",
+                      file=sys.stderr)
             return 128 + int(getattr(signal, summary["signal"]))
         return E.EXIT_OK
 

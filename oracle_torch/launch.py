@@ -4,6 +4,8 @@ thin wrapper that starts the N ranks on this machine through torch's own launche
 Under a launcher already (RANK, WORLD_SIZE, ... set) the process is one of the ranks and
 nothing is started here.
 
+A SIGINT/SIGTERM to this command reaches every rank (torchrun passes it on): they stop
+after the same step and save a checkpoint together (S102, S113); the command exits 128 + n.
 When a rank fails, torchrun stops the others at once (no rank waits for a dead peer); the
 wrapper then names the rank that failed first and exits with its exit code (or 128 + the
 signal that killed it), after the rank's own one-line error."""
@@ -23,6 +25,7 @@ def needs_launch(n: int) -> bool:
 
 def launch(n: int, argv: list[str], prog: str, module: str = "oracle_torch.cli") -> int:
     """Run `python -m <module> *argv` (the oracle's CLI) as `n` local ranks; the exit code of the run."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -31,6 +34,11 @@ def launch(n: int, argv: list[str], prog: str, module: str = "oracle_torch.cli")
                                          "--monitor-interval=0.2", "-m", module, *argv])
     try:
         run(args)
+    except SignalException as e:  # SIGINT/SIGTERM to this command: torchrun passed it on to every rank (S102)
+        name = signal.Signals(e.sigval).name
+        print(f"{prog}: {name}: every rank stopped after the same step (see above for the checkpoint it saved); "
+              "rerun the same command to resume", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, code = first_failure(e.failures)
         how = f"exit code {code}" if code > 0 else f"killed by signal {-code}"

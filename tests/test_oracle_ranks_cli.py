@@ -178,3 +178,31 @@ def test_a_dying_rank_stops_the_run_and_is_named(runs, where):
     _train(configs[1], out)
     _same_metrics(d / "one", out, 1e-10)
     _same_state(d / "one", out, 1e-10)
+
+
+def test_sigterm_to_the_command_stops_every_rank_at_one_step_and_saves(runs):
+    """S102/S113: SIGTERM to `python -m oracle_torch.cli` reaches both ranks through torchrun;
+    they agree on the step, save its checkpoint together and the command exits 143."""
+    import signal
+    import time
+    d, configs = runs
+    cfg = yaml.safe_load(configs[2].read_text()) | {"steps": 100000}
+    long_cfg = d / "long2.yaml"
+    long_cfg.write_text(yaml.safe_dump(cfg))
+    out = d / "sigterm"
+    p = subprocess.Popen([sys.executable, "-m", "oracle_torch.cli", "train", str(long_cfg), "--out", str(out), "--quiet"],
+                         cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5):
+            assert p.poll() is None and time.monotonic() < deadline, "the run ended or stalled before its 5th step"
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=TIMEOUT)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    last = max(_metrics(out))
+    saved = sorted(c.name for c in (out / "checkpoints").glob("step_*"))[-1]
+    assert saved == f"step_{last + 1:08d}", (saved, last)  # the step after the last one trained, on both ranks
+    assert f"interrupted by SIGTERM at step {last + 1}" in err, err[-3000:]
