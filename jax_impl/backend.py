@@ -114,14 +114,16 @@ class JaxBackend:
     def forward_terms(self, state: TrainState, step: int, batch: np.ndarray, draws: dict,
                       probe: Probe | None = None) -> dict[str, float]:
         pins = {} if probe is None else {n: jnp.asarray(v) for n, v in probe.pins.items()}
-        d = {n: jnp.asarray(a, self.dtype) for n, a in draws.items()}
+        pl = self.stepper.placement
+        d = {n: jnp.asarray(a, self.dtype) for n, a in draws.items()} if pl is None else \
+            pl.put_draws(draws, self.stepper.plan, self.dtype)
         total, terms, record = self._terms_fn()(state.params, state.sources, self.model.frozen, self.batch(batch), d,
                                                  self.stepper.hp(step), pins)
         if probe is not None and probe.record is not None:
             probe.record.update(record)
             _to_numpy(probe.record)
-        out = {k: float(v) for k, v in terms.items()}
-        out["total"] = float(total)
+        out = {k: float(_host(v)) for k, v in terms.items()}
+        out["total"] = float(_host(total))
         return out
 
     def evaluate(self, state: TrainState, step: int) -> dict:
@@ -219,5 +221,5 @@ def _to_numpy(record: dict | None) -> None:
     """Device arrays of a probe record as numpy arrays, in place (the tools read numpy)."""
     if record is None:
         return
-    for k, v in jax.device_get(record).items():
-        record[k] = np.asarray(v)
+    for k, v in record.items():
+        record[k] = _host(v)

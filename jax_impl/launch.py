@@ -28,9 +28,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from contract.config import ConfigError
+from contract.errors import EXIT_INPUT
 from contract.resolve import ResolvedRun
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -91,20 +93,34 @@ def join(run: ResolvedRun) -> None:
     if env is None:
         return
     import jax
+    if jax.distributed.is_initialized():  # a process builds several backends (tools, tests): joined once
+        return
     addr, n, i = env
     m = run.cfg.runtime.mesh
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if "JAX_NUM_CPU_DEVICES" not in os.environ and "xla_force_host_platform_device_count" not in os.environ.get(
             "XLA_FLAGS", ""):
         jax.config.update("jax_num_cpu_devices", m.data * m.components // n)
+    why = (f"process {i} of {n} could not join the run at JAX_COORDINATOR_ADDRESS={addr} within {JOIN_TIMEOUT} s; "
+           f"start all {n} processes with the same coordinator")
+    # JAX's coordination client aborts the process (SIGABRT, a C++ fatal log) when the join
+    # times out; this watchdog ends it first with the run's one-line error and exit code
+    done = threading.Event()
+
+    def watchdog():
+        if not done.wait(JOIN_TIMEOUT):
+            print(f"vpd-train: error: {why}", file=sys.stderr, flush=True)
+            os._exit(EXIT_INPUT)
+
+    threading.Thread(target=watchdog, daemon=True).start()
     try:
-        jax.distributed.initialize(addr, n, i, initialization_timeout=JOIN_TIMEOUT,
+        jax.distributed.initialize(addr, n, i, initialization_timeout=JOIN_TIMEOUT + 30,
                                    heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT,
                                    shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
     except Exception as e:  # noqa: BLE001 - the coordination service raises XlaRuntimeError / RuntimeError
-        raise ConfigError(f"process {i} of {n} could not join the run at JAX_COORDINATOR_ADDRESS={addr} within "
-                          f"{JOIN_TIMEOUT} s ({' '.join(str(e).split())[:200]}); start all {n} processes with the "
-                          "same coordinator") from None
+        raise ConfigError(f"{why} ({' '.join(str(e).split())[:200]})") from None
+    finally:
+        done.set()
     have = jax.device_count()
     if have != m.data * m.components:
         raise ConfigError(f"runtime.mesh: data {m.data} x components {m.components} = {m.data * m.components} "
@@ -151,9 +167,9 @@ def launch(run: ResolvedRun, processes: int, argv: list[str], prog: str) -> int:
     failed: tuple[int, int] | None = None
     try:
         while any(p.poll() is None for p in procs):
-            bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if bad and failed is None:
-                failed = bad[0]
+            if any(p.returncode not in (None, 0) for p in procs):
+                time.sleep(0.5)  # the peers of a dead process abort within moments: see them all
+                failed = first_failure([p.poll() for p in procs])
                 _stop([p for p in procs if p.poll() is None])
                 break
             time.sleep(0.1)
@@ -163,8 +179,7 @@ def launch(run: ResolvedRun, processes: int, argv: list[str], prog: str) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     if failed is None:
-        bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
-        failed = bad[0] if bad else None
+        failed = first_failure([p.returncode for p in procs])
     if failed is None:
         return 0
     i, code = failed
@@ -174,6 +189,16 @@ def launch(run: ResolvedRun, processes: int, argv: list[str], prog: str) -> int:
     print(f"{prog}: error: process {i} of {processes} failed ({how}); the run stopped in every process "
           "(its error is above; rerun the same command to resume from the last checkpoint)", file=sys.stderr)
     return code if code > 0 else 128 - code
+
+
+def first_failure(codes: list[int | None]) -> tuple[int, int] | None:
+    """(process, exit code) of the process that failed first among exit codes (None = still
+    running): one that exited with an error or was killed before one that JAX aborted
+    (SIGABRT: its coordination client ends a process whose peer died), lowest index first."""
+    bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+    if not bad:
+        return None
+    return min(bad, key=lambda ic: (ic[1] == -signal.SIGABRT, ic[0]))
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

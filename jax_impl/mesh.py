@@ -73,7 +73,7 @@ def param_spec(run: ResolvedRun, name: str, ndim: int) -> P:
         return P(COMP, *([None] * (ndim - 1)))  # one MLP per component, C leading
     last = _last_layer(run)
     out_layer = {
-        "shared_mlp": (rf"ci_fn\.[^.]+\.{last}$", rf"ci_fn\.[^.]+\.b{last[1:]}$"),
+        "shared_mlp": (rf"ci_fn\..+\.{last}$", rf"ci_fn\..+\.b{last[1:]}$"),  # site names hold dots
         "global_shared_mlp": (rf"ci_fn\.global\.{last}$", rf"ci_fn\.global\.b{last[1:]}$"),
         "global_shared_transformer": (r"ci_fn\.global\.out_proj\.w$", r"ci_fn\.global\.out_proj\.b$"),
     }.get(t)
@@ -131,8 +131,12 @@ def check_layout(run: ResolvedRun, tree, data: int, components: int) -> None:
     (data, components) mesh cannot lay out: a sharded dimension not divisible by its axis."""
     specs = state_specs(run, tree, components)
     sizes = {DATA: data, COMP: components}
-    flat = jax.tree_util.tree_leaves_with_path(tree)
-    for (path, x), spec in zip(flat, jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)), strict=True):
+    flat = list(zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)),
+                    strict=True))
+    # the components are named first, then the other parameters, then moments and sources
+    flat.sort(key=lambda item: (not leaf_name(item[0][0]).startswith("params.components."),
+                                not leaf_name(item[0][0]).startswith("params.")))
+    for (path, x), spec in flat:
         for dim, axis in enumerate(spec):
             if axis is not None and x.shape[dim] % sizes[axis]:
                 raise ValueError(f"runtime.mesh.{axis}: the state leaf {leaf_name(path)} has {x.shape[dim]} along "

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from contract.config import parse_config
+from contract.resolve import resolve_run
 from contract.targets import REPO_ROOT
 
 SCRIPT = r"""
@@ -65,9 +67,9 @@ print(json.dumps({"rc": rc}))
 
 
 def test_production_train_runs_on_a_two_device_mesh(tmp_path):
-    # S50/S91: the production path (draws sampled inside the jitted step, eval draws from
-    # eval_key) compiles and trains on a mesh; XLA cannot partition the single-device Philox
-    # generator, so this guards the mesh's generator choice, for the step and for the eval
+    # S50/S91/S143: the production path (draws sampled inside the jitted step, eval draws from
+    # eval_key) compiles and trains on a mesh; XLA cannot partition Philox, so this guards the
+    # generator choice (one partitionable generator on every mesh), for the step and the eval
     import yaml
 
     c = yaml.safe_load((REPO_ROOT / "configs" / "tms_5-2.yaml").read_text())
@@ -92,3 +94,37 @@ def test_production_train_runs_on_a_two_device_mesh(tmp_path):
     for x in lines:
         bad = {k: v for k, v in x.items() if isinstance(v, float) and not v == v}
         assert not bad, (x["step"], bad)
+
+
+def test_state_specs_shard_every_component_axis():
+    # S140: every leaf with a C axis (V, U, the CI function's per-component and output-layer
+    # parameters, their Adam moments) is sharded over `components` on that axis, every other
+    # leaf replicated but per-position sources (over `data`); check_layout names leaf and sizes
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from jax_impl.mesh import check_layout, leaf_name, state_specs
+    from jax_impl.state import abstract_tree
+    from parity.mesh_invariance import config_dict
+
+    for name, ci_leaves in (("llama_subset", {"w1": (1,), "b1": (0,)}), ("tms_ppgd", {"w0": (0,), "b0": (0,), "w1": (0,),
+                                                                                     "b1": (0,)})):
+        run = resolve_run(parse_config(config_dict(name, "float32", (2, 2))))
+        tree = abstract_tree(run, "float32")
+        specs = jax.tree.leaves(state_specs(run, tree), is_leaf=lambda x: isinstance(x, P))
+        for (path, x), spec in zip(jax.tree_util.tree_leaves_with_path(tree), specs, strict=True):
+            n = leaf_name(path)
+            sharded = tuple(i for i, a in enumerate(spec) if a == "components")
+            if ".components." in n:
+                assert sharded == ((1,) if n.endswith(".V") else (0,)), (n, spec)
+            elif ".ci_fn." in n:
+                assert sharded == ci_leaves.get(n.rsplit(".", 1)[1], ()), (n, spec)
+                assert all(x.shape[i] == 8 for i in sharded), (n, x.shape)
+            else:
+                assert sharded == (), (n, spec)
+            if ("sources" in n or "source_opt" in n) and ".m." not in n and ".v." not in n and n.startswith("sources"):
+                bsc = x.shape[0] == 8  # the per-position bundle: [B, C + 1]
+                assert (spec[0] == "data") == bsc, (n, spec)
+        with pytest.raises(ValueError, match=r"runtime\.mesh\.components: the state leaf params\.components\.\S+\.U has 8 "
+                                             r"along dimension 0 .* not divisible by components = 3"):
+            check_layout(run, tree, 2, 3)
