@@ -44,7 +44,7 @@ CONFIGS = {
 }
 DEFAULT = {"configs": ["tms_ppgd"], "meshes": [(2, 2), (1, 4)], "dtypes": ["float64"],
            "processes": ["tms_ppgd"]}
-TIMEOUT = 900  # s per subprocess
+TIMEOUT = int(os.environ.get("VPD_MESH_TIMEOUT", "900"))  # s per subprocess
 
 
 def config_dict(name: str, dtype: str, mesh: tuple[int, int]) -> dict:
@@ -188,8 +188,19 @@ def compare(ref: dict, got: dict) -> dict[str, float]:
 
 
 def table(configs: list[str], meshes: list[tuple[int, int]], dtypes: list[str], processes: list[str], steps: int,
-          prod_steps: int) -> list[dict]:
-    """Rows {config, mesh, dtype, step0, traj, prod} of every requested combination."""
+          prod_steps: int, show=None) -> list[dict]:
+    """Rows {config, mesh, dtype, step0, traj, prod} of every requested combination, config by
+    config (`show(rows)` after each)."""
+    rows = []
+    for c in configs:
+        rows += _table([c], meshes, dtypes, [p for p in processes if p == c], steps, prod_steps)
+        if show is not None:
+            show([r for r in rows if r["config"] == c])
+    return rows
+
+
+def _table(configs: list[str], meshes: list[tuple[int, int]], dtypes: list[str], processes: list[str], steps: int,
+           prod_steps: int) -> list[dict]:
     spec = {"steps": steps, "prod_steps": prod_steps}
     ref = run_devices(1, spec | {"jobs": [(c, d, (1, 1)) for c in configs for d in dtypes]})
     by_dev: dict[int, list] = {}
@@ -220,12 +231,13 @@ def limits(dtype: str) -> tuple[float, float]:
     return tol(dtype, "mesh_step0").rel, tol(dtype, "mesh_trajectory").rel
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"{'config':<16} {'mesh':<13} {'dtype':<8} {'step 0':>9} {'contract traj':>13} {'production':>10}  limits")
+def print_table(rows: list[dict], header: bool = True) -> None:
+    if header:
+        print(f"{'config':<16} {'mesh':<13} {'dtype':<8} {'step 0':>9} {'contract traj':>13} {'production':>10}  limits")
     for r in rows:
         s0, tr = limits(r["dtype"])
         print(f"{r['config']:<16} {r['mesh']:<13} {r['dtype']:<8} {r['step0']:9.1e} {r['traj']:13.1e} "
-              f"{r['prod']:10.1e}  {s0:.0e} / {tr:.0e}")
+              f"{r['prod']:10.1e}  {s0:.0e} / {tr:.0e}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", nargs="*", choices=list(CONFIGS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prod-steps", type=int, default=5)
+    ap.add_argument("--dtypes", nargs="*", choices=["float64", "float32"])
     a = ap.parse_args(argv)
     if a.exhaustive:
         configs, meshes, dtypes, procs = list(CONFIGS), MESHES[1:], ["float64", "float32"], list(CONFIGS)
@@ -245,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         configs, meshes, dtypes, procs = DEFAULT["configs"], DEFAULT["meshes"], DEFAULT["dtypes"], DEFAULT["processes"]
     if a.configs:
         configs, procs = a.configs, [c for c in procs if c in a.configs] or a.configs
-    rows = table(configs, meshes, dtypes, procs, a.steps, a.prod_steps)
-    print_table(rows)
+    dtypes = a.dtypes or dtypes
+    print_table([])
+    rows = table(configs, meshes, dtypes, procs, a.steps, a.prod_steps, show=lambda rs: print_table(rs, header=False))
     bad = [r for r in rows if r["step0"] > limits(r["dtype"])[0] or max(r["traj"], r["prod"]) > limits(r["dtype"])[1]]
     for r in bad:
         print(f"FAIL {r}")

@@ -128,3 +128,53 @@ def test_state_specs_shard_every_component_axis():
         with pytest.raises(ValueError, match=r"runtime\.mesh\.components: the state leaf params\.components\.\S+\.U has 8 "
                                              r"along dimension 0 .* not divisible by components = 3"):
             check_layout(run, tree, 2, 3)
+
+
+REMAT_SCRIPT = r"""
+import json, sys
+from parity.cases import CASES
+from parity.runners import make_inputs, run_jax
+from contract.config import parse_config
+from contract.resolve import resolve_run
+d = CASES["traj_tms_ppgd.64"].config_dict()
+d["runtime"]["remat"] = sys.argv[1]
+run = resolve_run(parse_config(d))
+records, grads, _ = run_jax(make_inputs(run, "float64", 3))
+print(json.dumps({"records": records, "grads": {k: v.ravel().tolist() for k, v in grads.items()}}))
+"""
+
+
+def test_remat_changes_memory_not_numbers():
+    # S144: the rematerialised masked forwards (persistent-PGD ascents and losses, stochastic
+    # recon) give the step-0 gradients and a 3-step trajectory of the plain step (float64)
+    import numpy as np
+
+    out = {}
+    for policy in ("off", "nothing_saveable"):
+        env = dict(os.environ, JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+        env.pop("XLA_FLAGS", None)
+        p = subprocess.run([sys.executable, "-c", REMAT_SCRIPT, policy], env=env, cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out[policy] = json.loads(p.stdout.strip().splitlines()[-1])
+    a, b = out["off"], out["nothing_saveable"]
+    for k, g in a["grads"].items():
+        x, y = np.asarray(g), np.asarray(b["grads"][k])
+        assert np.abs(x - y).max() <= 1e-12 * max(np.linalg.norm(x), 1e-300), k
+    for ra, rb in zip(a["records"], b["records"], strict=True):
+        for k in ra:
+            assert abs(ra[k] - rb[k]) <= 1e-10 * max(abs(ra[k]), abs(rb[k]), 1e-12), k
+
+
+@pytest.mark.parametrize("runtime,field", [({"mesh": {"components": 2}}, "runtime.mesh.components"),
+                                           ({"remat": "nothing_saveable"}, "runtime.remat")])
+def test_oracle_refuses_jax_only_runtime_fields(runtime, field):
+    # S93/S140/S144: the oracle neither shards components nor rematerialises: refused by name
+    from contract.config import ConfigError
+    from loop.backends import make_backend
+    from parity.mesh_invariance import config_dict
+
+    d = config_dict("tms_ppgd", "float64", (1, 1))
+    d["runtime"] = {k: v for k, v in d["runtime"].items() if k != "mesh"} | runtime
+    with pytest.raises(ConfigError, match=rf"^{field}: the torch oracle"):
+        make_backend("torch", resolve_run(parse_config(d)))
