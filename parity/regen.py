@@ -12,6 +12,7 @@ import datetime
 import sys
 
 from parity.cases import CASES
+from parity.degeneracy import degeneracy_problems, zero_gradient_groups
 from parity.goldens import GOLDENS, case_dir, load_golden, rel_err, write_golden
 from parity.lock import lock_problem, write_lock
 from parity.runners import make_inputs, run_oracle
@@ -49,10 +50,17 @@ def main(argv=None) -> int:
         lock = write_lock(a.reason, date)
         print(f"oracle lock updated: {lock['oracle_hash'][:16]}")
     log = [f"\n## {date} — {a.reason}\n", f"cases: {', '.join(names)}" + (" (oracle lock updated)" if a.update_lock else "") + "\n"]
+    refused: list[str] = []
     for name in names:
         case = CASES[name]
         old = load_golden(name) if (case_dir(name) / "manifest.json").exists() else None
         records, grads, warm = run_oracle(make_inputs(case.run(), case.precision, case.steps))
+        degenerate = degeneracy_problems(case.run()) + zero_gradient_groups(records)
+        if degenerate:  # S153: a case that checks nothing about its masks, sources or a group gets no golden
+            print(f"{name}: refused, degenerate case (no golden written):\n  " + "\n  ".join(degenerate), file=sys.stderr)
+            log.append(f"- {name}: refused (degenerate)\n")
+            refused.append(name)
+            continue
         write_golden(case, records, grads, warm, a.reason)
         if old is None:
             print(f"{name}: new golden ({len(records)} steps)")
@@ -71,7 +79,7 @@ def main(argv=None) -> int:
         log.append(f"- {name}: largest rel change {worst[0]:.2e} at {worst[1]}\n")
     with open(GOLDENS / "CHANGELOG.md", "a") as f:
         f.writelines(log)
-    return 0
+    return 2 if refused else 0
 
 
 if __name__ == "__main__":
