@@ -182,6 +182,7 @@ def _train(backend: Backend, out_dir: str | Path, resume: bool, progress: bool, 
                 pbar.update(1)
                 if ck_every and k % ck_every == 0 and k < cfg.steps:
                     last_ckpt, saved_at = save(k), k
+            interrupted = interrupted or backend.agree(bool(stop))  # a signal during the last step stops it too
             if not interrupted and ev_every:
                 log.add(cfg.steps, backend.evaluate(state, cfg.steps))
             log.flush()
