@@ -252,6 +252,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         ax.loglog(x, t, "o-", label="JAX step (measured)")
         ax.loglog(x, f, "s--", label="∝ model FLOPs")
         ax.loglog(x, lin, ":", color="gray", label="linear")
+        ax.set_xticks(x, [f"{v:g}" for v in x])
+        ax.minorticks_off()
         ax.set_xlabel(labels[a])
         ax.set_ylabel("ms / step")
         ax.set_title(f"slope {loglog_slope(rs, 'ms_per_step'):.2f} (FLOPs {loglog_slope(rs, 'model_flops_per_step'):.2f})",
