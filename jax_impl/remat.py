@@ -1,13 +1,13 @@
-"""Rematerialised masked forwards (SPEC S144): `runtime.remat: <policy>` wraps every masked
-forward of the training step (recon terms, PGD ascents and losses) in `jax.checkpoint` with
-the named policy, so its intermediates are recomputed in the backward instead of held from
-the forward to the backward. The values are the same program's; only what is stored
+"""Rematerialised masked forwards (SPEC S144): `runtime.remat: <policy>` runs every live site
+of every masked forward of the training step (recon terms, PGD ascents and losses) as a
+`jax.checkpoint` block with the named policy, so its intermediates are recomputed in the
+backward instead of held from the forward to the backward. The values are the same program's; only what is stored
 between the passes changes. `off` (the default) is the model itself."""
 from __future__ import annotations
 
 import jax
 
-from jax_impl.components import DecomposedModel, SiteMode
+from jax_impl.components import DecomposedModel
 
 POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # keep only the forward's inputs
@@ -17,8 +17,10 @@ POLICIES = {
 
 
 class RematModel(DecomposedModel):
-    """The same model (its attributes shared, nothing reloaded) whose `masked_forward` is
-    rematerialised under `policy`."""
+    """The same model (its attributes shared, nothing reloaded) whose masked forwards run every
+    live site as its own `jax.checkpoint` block under `policy`: the site's [N, C] intermediates
+    (x·V, the masked activations) are recomputed one site at a time in the backward instead of
+    held for every site from the forward on."""
 
     def __init__(self, model: DecomposedModel, policy: str):  # a view of `model`: no super().__init__ (nothing reloaded)
         if policy not in POLICIES:
@@ -26,14 +28,19 @@ class RematModel(DecomposedModel):
         self.__dict__.update(model.__dict__)
         self.policy = policy
 
-        def forward(frozen, params, batch, modes):  # SiteModes travel as (mask, delta_mask, route) tuples
-            return DecomposedModel.masked_forward(self, frozen, params, batch,
-                                                  {n: SiteMode(*m) for n, m in modes.items()})
+    def _site_fn(self, frozen, params, modes: dict, capture: dict | None):
+        inner = DecomposedModel._site_fn(self, frozen, params, modes, capture)
+        if capture is not None or not modes:  # the clean forward: nothing to rematerialise
+            return inner
+        policy = POLICIES[self.policy]
 
-        self._forward = jax.checkpoint(forward, policy=POLICIES[policy])
+        def site(name, x):
+            if name not in modes:
+                return inner(name, x)
+            return jax.checkpoint(lambda x: inner(name, x), policy=policy)(x)
 
-    def masked_forward(self, frozen, params, batch, modes: dict):
-        return self._forward(frozen, params, batch, {n: (m.mask, m.delta_mask, m.route) for n, m in modes.items()})
+        site.decomposed = getattr(inner, "decomposed", frozenset())
+        return site
 
 
 def remat_model(model: DecomposedModel, policy: str):
