@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     by_kind: collections.Counter[str] = collections.Counter()
     count: collections.Counter[str] = collections.Counter()
     by_shape: collections.Counter[tuple[str, str]] = collections.Counter()
-    gf_kind: collections.Counter[str] = collections.Counter()
-    gf_shape: collections.Counter[tuple[str, str]] = collections.Counter()
+    gf_kind: collections.defaultdict[str, float] = collections.defaultdict(float)
+    gf_shape: collections.defaultdict[tuple[str, str], float] = collections.defaultdict(float)
     for name, ms in per_step.items():
         kind = re.sub(r"\.\d+$", "", name)
         shape = ops.get(name, ("?", ""))[0]
