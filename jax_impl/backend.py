@@ -80,7 +80,7 @@ class JaxBackend:
         if draws is None:
             if probe is not None:
                 raise ValueError("train_step: a probe needs explicit draws (the production step records nothing)")
-            return self.stepper.step_with_key(state, self.batch(batch), step)
+            return _serial(self.stepper.step_with_key(state, self.batch(batch), step))
         p = None if probe is None else Probe(probe.record, {n: jnp.asarray(v) for n, v in probe.pins.items()})
         state, metrics = self.stepper.step_with_draws(state, self.batch(batch), draws, step, p)
         _to_numpy(None if probe is None else probe.record)
@@ -127,7 +127,7 @@ class JaxBackend:
         return out
 
     def evaluate(self, state: TrainState, step: int) -> dict:
-        return self.evaluator.evaluate_device(state.params, step)
+        return _serial(self.evaluator.evaluate_device(state.params, step))
 
     def eval_metrics(self, state: TrainState, batch: np.ndarray, draws: dict) -> dict[str, float]:
         d = {n: jnp.asarray(a, self.dtype) for n, a in draws.items()}
@@ -199,6 +199,13 @@ class JaxBackend:
 def _all_finite(leaves: list) -> jax.Array:
     """Per leaf: every element finite."""
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def _serial(out):
+    """With several processes, wait for a program before the next is dispatched: two programs
+    in flight at once may enter their cross-process collectives in different orders in
+    different processes, and gloo would wait forever (one process only: `out` as it is)."""
+    return jax.block_until_ready(out) if jax.process_count() > 1 else out
 
 
 def _host(x) -> np.ndarray:

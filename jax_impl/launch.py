@@ -38,7 +38,7 @@ from contract.resolve import ResolvedRun
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 JOIN_TIMEOUT = int(os.environ.get("VPD_JAX_JOIN_TIMEOUT", "60"))  # s to find every process at the start
 HEARTBEAT_TIMEOUT = 30  # s without a heartbeat before the coordinator declares a process dead
-SHUTDOWN_TIMEOUT = 30  # s the processes wait for each other at exit
+SHUTDOWN_TIMEOUT = 300  # s the processes wait for each other at exit (a slow process 0 is not a dead one)
 STOP_GRACE = 10.0  # s between SIGTERM and SIGKILL when the launcher stops the other processes
 
 
