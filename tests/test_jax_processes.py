@@ -176,7 +176,7 @@ def test_bad_process_setups_are_one_line(tmp_path, env, extra, want):
 
 def test_a_process_that_never_joins_times_out(tmp_path):
     # process 0 of 2 started alone: the join gives up after VPD_JAX_JOIN_TIMEOUT s, naming it
-    env = _env(None, JAX_COORDINATOR_ADDRESS="127.0.0.1:%d" % _port(), JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0",
+    env = _env(None, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_port()}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0",
                VPD_JAX_JOIN_TIMEOUT="5")
     t0 = time.monotonic()
     p = train(_config(tmp_path, "m22", (2, 2), steps=2), tmp_path / "out", env=env, timeout=120)
