@@ -28,6 +28,7 @@ pytestmark = pytest.mark.xdist_group("parity_tooling")  # one worker: the bundle
 
 TRAJ = "traj_tms.64"  # a committed 50-step float64 golden: realistic keys and magnitudes
 TINY = "tms_global_mlp"  # the cheapest case to run live (1 step, float64, 2 sites)
+REGEN_CASE = "resid2_chunks"  # cheap (1 step, float64), not refused as degenerate by regen (parity/degeneracy.py)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -218,22 +219,22 @@ def test_regen_rewrites_only_the_named_case_and_logs_reason(tmp_goldens, capsys)
     # the old-vs-new table naming X
     before = _snapshot(tmp_goldens)
     reason = "tooling test: regenerate one case"
-    assert R.main(["--reason", reason, "--cases", TINY]) == 0
+    assert R.main(["--reason", reason, "--cases", REGEN_CASE]) == 0
     out = capsys.readouterr().out
     after = _snapshot(tmp_goldens)
     assert set(after) == set(before)
     changed = {f for f in before if before[f] != after[f]}
-    ours = {f"{TINY}/{f}" for f in ("manifest.json", "terms.json", "trajectory.json", "grads.safetensors")}
+    ours = {f"{REGEN_CASE}/{f}" for f in ("manifest.json", "terms.json", "trajectory.json", "grads.safetensors")}
     assert changed == ours | {"CHANGELOG.md"}, sorted(changed)
-    assert json.loads((tmp_goldens / TINY / "manifest.json").read_text())["reason"] == reason
+    assert json.loads((tmp_goldens / REGEN_CASE / "manifest.json").read_text())["reason"] == reason
     log = after["CHANGELOG.md"][0].decode()
     old_log = before["CHANGELOG.md"][0].decode()
     assert log.startswith(old_log)
     added = log[len(old_log):]
-    assert f"— {reason}\n" in added and f"cases: {TINY}\n" in added and f"- {TINY}: unchanged" in added  # the oracle is deterministic: same bits again
-    assert f"{TINY}: unchanged" in out
+    assert f"— {reason}\n" in added and f"cases: {REGEN_CASE}\n" in added and f"- {REGEN_CASE}: unchanged" in added  # the oracle is deterministic: same bits again
+    assert f"{REGEN_CASE}: unchanged" in out
     # the regenerated golden loads and carries the same metric keys
-    assert load_golden(TINY).trajectory[0].keys() == json.loads(before[f"{TINY}/trajectory.json"][0])[0].keys()
+    assert load_golden(REGEN_CASE).trajectory[0].keys() == json.loads(before[f"{REGEN_CASE}/trajectory.json"][0])[0].keys()
 
 
 def test_regen_refuses_when_oracle_lock_mismatches(tmp_goldens, monkeypatch, capsys):
@@ -241,7 +242,7 @@ def test_regen_refuses_when_oracle_lock_mismatches(tmp_goldens, monkeypatch, cap
     # unless --update-lock sanctions the change; nothing is written
     monkeypatch.setattr(L, "oracle_hash", lambda: "0" * 64)
     before = _snapshot(tmp_goldens)
-    assert R.main(["--reason", "should refuse", "--cases", TINY]) == 2
+    assert R.main(["--reason", "should refuse", "--cases", REGEN_CASE]) == 2
     err = capsys.readouterr().err
     assert "refusing to regenerate" in err and "--update-lock" in err
     assert _snapshot(tmp_goldens) == before
@@ -251,10 +252,10 @@ def test_regen_refuses_unknown_case_and_empty_reason(tmp_goldens, capsys):
     # guards: an unknown case name is refused (exit 2, named) before anything runs, and a
     # blank reason is an argparse error
     before = _snapshot(tmp_goldens)
-    assert R.main(["--reason", "x", "--cases", TINY, "no_such_case"]) == 2
+    assert R.main(["--reason", "x", "--cases", REGEN_CASE, "no_such_case"]) == 2
     assert "no_such_case" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        R.main(["--reason", "   ", "--cases", TINY])
+        R.main(["--reason", "   ", "--cases", REGEN_CASE])
     assert e.value.code == 2
     assert _snapshot(tmp_goldens) == before
 

@@ -89,10 +89,10 @@ def uninterrupted(tmp_path_factory):
     return tmp, out
 
 
-def test_resume_across_meshes_and_process_counts(uninterrupted):
-    # S145: 1 -> (2,2) at step 4, (2,2) -> (4,1) at step 8, 1 process -> 2 processes at step 4,
-    # 2 processes -> 1 at step 8: every continuation equals the uninterrupted one-device run
-    # (float64, reassociation only) and every checkpoint records the mesh it was written on
+def test_resume_across_meshes(uninterrupted):
+    # S145: 1 -> (2,2) at step 4, (2,2) -> (4,1) at step 8: every continuation equals the
+    # uninterrupted one-device run (float64, reassociation only) and every checkpoint records
+    # the mesh it was written on
     tmp, ref = uninterrupted
     want = metrics(ref)
     b = _from_checkpoint(ref, tmp / "to22", 4)
@@ -109,6 +109,13 @@ def test_resume_across_meshes_and_process_counts(uninterrupted):
     assert "resumed from step 8" in p.stdout
     assert _worst(want, metrics(d), 4) <= 1e-10
 
+
+
+@pytest.mark.processes
+def test_resume_across_process_counts(uninterrupted):
+    # S145: 1 process -> 2 processes at step 4, 2 processes -> 1 at step 8, as above
+    tmp, ref = uninterrupted
+    want = metrics(ref)
     e = _from_checkpoint(ref, tmp / "to2proc", 4)
     p = train(_config(tmp, "m22p", (2, 2)), e, "--processes", "2", env=_env(None))
     assert p.returncode == 0, p.stderr[-3000:]
