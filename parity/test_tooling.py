@@ -231,7 +231,8 @@ def test_regen_rewrites_only_the_named_case_and_logs_reason(tmp_goldens, capsys)
     old_log = before["CHANGELOG.md"][0].decode()
     assert log.startswith(old_log)
     added = log[len(old_log):]
-    assert f"— {reason}\n" in added and f"cases: {REGEN_CASE}\n" in added and f"- {REGEN_CASE}: unchanged" in added  # the oracle is deterministic: same bits again
+    # the oracle is deterministic: same bits again
+    assert f"— {reason}\n" in added and f"cases: {REGEN_CASE}\n" in added and f"- {REGEN_CASE}: unchanged" in added
     assert f"{REGEN_CASE}: unchanged" in out
     # the regenerated golden loads and carries the same metric keys
     assert load_golden(REGEN_CASE).trajectory[0].keys() == json.loads(before[f"{REGEN_CASE}/trajectory.json"][0])[0].keys()
