@@ -137,6 +137,18 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+_MESH: list = []  # the ranks' device mesh, made once per process
+
+
+def device_mesh(world: int):
+    """The 1-D CPU device mesh of the ranks (S108), made once per process and reused by every
+    state (a mesh may set up process groups of its own)."""
+    if not _MESH:
+        from torch.distributed.device_mesh import init_device_mesh
+        _MESH.append(init_device_mesh("cpu", (world,)))
+    return _MESH[0]
+
+
 def launch_env() -> dict[str, str]:
     """The launcher variables that are set."""
     return {k: os.environ[k] for k in LAUNCH_ENV if k in os.environ}
@@ -186,4 +198,5 @@ def leave() -> None:
         dist.barrier()
     except RuntimeError:  # a peer is gone already (the run is failing): nothing to wait for
         pass
+    _MESH.clear()
     dist.destroy_process_group()

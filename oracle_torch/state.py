@@ -22,7 +22,7 @@ from contract.config import OptimizerConfig
 from contract.init import init_state
 from contract.resolve import ResolvedRun, persistent_cfg
 from oracle_torch.adversary import init_source_opt
-from oracle_torch.ranks import ONE, Ranks
+from oracle_torch.ranks import ONE, Ranks, device_mesh
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -101,9 +101,8 @@ def make_state(run: ResolvedRun, arrays: dict[str, np.ndarray] | None, dtype, ra
     params = make_params({n: a for n, a in arrays.items() if not n.startswith("sources.")}, dtype)
     module = mesh = None
     if ranks.sharded:
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        module, mesh = Trainable(params), init_device_mesh("cpu", (ranks.world,))
+        module, mesh = Trainable(params), device_mesh(ranks.world)
         fully_shard(module, mesh=mesh, reshard_after_forward=True)
         params = module.params()  # fully_shard replaced them by sharded DTensor parameters
     comp = [p for n, p in params.items() if n.startswith("components.")]
