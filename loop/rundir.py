@@ -200,7 +200,7 @@ def checkpoint_backends(out_dir: str | Path) -> dict[str | None, list[str]]:
 
 def _refusal(path: Path, owner: str, backend: str, how: str) -> str:
     return (f"run directory {path} belongs to {label(owner)}, not to {label(backend)} ({how}): checkpoints cross "
-            "between frameworks only through a migration command (not yet available), and --no-resume would "
+            "between frameworks only through `python -m parity.migrate` (README), and --no-resume would "
             f"delete that run's work; train this run into another --out (or continue that one with "
             f"{LABELS[owner][1]})")
 

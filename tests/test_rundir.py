@@ -94,7 +94,7 @@ def test_other_backend_is_refused_and_the_directory_untouched(tmp_path, trained,
         assert train_cli(second, cfg_path, out, *extra) == E.EXIT_RUN_DIR_OWNED
         line = one_line(capsys.readouterr().err, PROG[second])
         assert f"run directory {out} belongs to {rundir.label(first)}, not to {rundir.label(second)}" in line
-        assert "migration command (not yet available)" in line and "another --out" in line
+        assert "python -m parity.migrate" in line and "another --out" in line
         assert snapshot(out) == before
     # the owner still resumes it (nothing left to train: final eval only)
     assert train_cli(first, cfg_path, out) == 0
