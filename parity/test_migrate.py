@@ -321,9 +321,9 @@ def test_verifier_catches_a_swap_in_an_orbax_checkpoint(pair, tmp_path):
     assert all("V and U swapped" in r.detail for r in fails[COMPONENTS])
 
 
-def test_verifier_holds_two_leaves_at_a_time(pair, monkeypatch):
-    # S133: leaf pairs are loaded one at a time; track every array the readers hand out
-    import parity.migrate_io as io
+def track_leaf_loads(monkeypatch, readers) -> list[int]:
+    """Patch each reader's `load` to track the arrays it hands out that are still alive;
+    returns a one-item list holding the peak of their total bytes."""
     live: dict[int, int] = {}
     peak = [0]
 
@@ -336,8 +336,15 @@ def test_verifier_holds_two_leaves_at_a_time(pair, monkeypatch):
             return a
         return load
 
-    for cls in (io.SafetensorsReader, io.OrbaxReader):
+    for cls in readers:
         monkeypatch.setattr(cls, "load", tracked(cls.load))
+    return peak
+
+
+def test_verifier_holds_two_leaves_at_a_time(pair, monkeypatch):
+    # S133: leaf pairs are loaded one at a time; track every array the readers hand out
+    import parity.migrate_io as io
+    peak = track_leaf_loads(monkeypatch, (io.SafetensorsReader, io.OrbaxReader))
     src, dst = pair
     assert verify(src, dst).passed
     biggest = max(int(np.prod(li.shape)) * np.dtype(li.dtype).itemsize for li in io.open_checkpoint(src).leaves().values())

@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import warnings
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -241,20 +240,8 @@ def test_oracle_formats_convert_into_each_other(runs, tmp_path):
 def test_verifier_streams_dcp_one_leaf_pair_at_a_time(runs, on_jax, monkeypatch):
     # S137: with a DCP side the verifier still holds about two leaves, never a tree
     import parity.migrate_io as io
-    live: dict[int, int] = {}
-    peak = [0]
-
-    def tracked(orig):
-        def load(self, name):
-            a = orig(self, name)
-            live[id(a)] = a.nbytes
-            weakref.finalize(a, live.pop, id(a), None)
-            peak[0] = max(peak[0], sum(live.values()))
-            return a
-        return load
-
-    for cls in (io.DcpReader, io.OrbaxReader):
-        monkeypatch.setattr(cls, "load", tracked(cls.load))
+    from parity.test_migrate import track_leaf_loads
+    peak = track_leaf_loads(monkeypatch, (io.DcpReader, io.OrbaxReader))
     src, dst = ckpt(runs["A"], K_TO_JAX), ckpt(on_jax, K_TO_JAX)
     assert verify(src, dst).passed
     biggest = max(int(np.prod(li.shape)) * np.dtype(li.dtype).itemsize for li in open_checkpoint(src).leaves().values())
