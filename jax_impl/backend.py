@@ -27,7 +27,7 @@ from contract.resolve import ResolvedRun
 from jax_impl import checkpoint as ckpt
 from jax_impl.components import DecomposedModel
 from jax_impl.eval import Evaluator, eval_ci, to_jax_batch
-from jax_impl.mesh import check_layout
+from jax_impl.mesh import check_layout, serial as _serial
 from jax_impl.state import TrainState, abstract_tree, jax_dtype, make_state
 from jax_impl.train import Stepper, faithfulness_warmup, forward_terms
 
@@ -82,7 +82,7 @@ class JaxBackend:
                 raise ValueError("train_step: a probe needs explicit draws (the production step records nothing)")
             return _serial(self.stepper.step_with_key(state, self.batch(batch), step))
         p = None if probe is None else Probe(probe.record, {n: jnp.asarray(v) for n, v in probe.pins.items()})
-        state, metrics = self.stepper.step_with_draws(state, self.batch(batch), draws, step, p)
+        state, metrics = _serial(self.stepper.step_with_draws(state, self.batch(batch), draws, step, p))
         _to_numpy(None if probe is None else probe.record)
         return state, metrics
 
@@ -199,13 +199,6 @@ class JaxBackend:
 def _all_finite(leaves: list) -> jax.Array:
     """Per leaf: every element finite."""
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-
-
-def _serial(out):
-    """With several processes, wait for a program before the next is dispatched: two programs
-    in flight at once may enter their cross-process collectives in different orders in
-    different processes, and gloo would wait forever (one process only: `out` as it is)."""
-    return jax.block_until_ready(out) if jax.process_count() > 1 else out
 
 
 def _host(x) -> np.ndarray:

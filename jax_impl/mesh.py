@@ -49,6 +49,22 @@ def make_mesh(data: int, components: int = 1) -> Mesh:
     return Mesh(devices, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def serial(out):
+    """With several processes, wait until a dispatched program has finished before the caller
+    dispatches the next (one process: `out` as it is, dispatch stays asynchronous).
+
+    Why (issue #13): with several local devices per process, each device is a gloo rank and XLA's
+    CPU client launches each device's share of a program on a shared thread pool, where a launch
+    first waits for a slot of that device's in-flight semaphore. A loop of jitted programs with
+    no host read between them (the faithfulness warmup's 100 steps) hung both processes of the
+    tiny LM at 5 s of CPU time; gdb showed, in each process, one pool thread in
+    `gloo::allreduce` (one local device inside program n, waiting for its peers), one pool thread
+    blocked in `Semaphore::Acquire` under `CpuPjRtRawLoadedExecutable::Execute` (a launch of a
+    later program) and the main thread dispatching in `PjitFunction::Call`: the other local
+    device's share of program n never ran. One program in flight at a time cannot starve."""
+    return jax.block_until_ready(out) if jax.process_count() > 1 else out
+
+
 def make_data_mesh(n: int) -> Mesh:
     """A data-only mesh of n devices (the S91 mesh; `make_mesh(n, 1)`)."""
     return make_mesh(n, 1)

@@ -25,7 +25,7 @@ from jax_impl.ci_fn import ci_logits
 from jax_impl.components import DecomposedModel, inner_act
 from jax_impl.context import StepContext
 from jax_impl.losses import faithfulness, importance_minimality
-from jax_impl.mesh import Placement, make_mesh, mesh_shape
+from jax_impl.mesh import Placement, make_mesh, mesh_shape, serial
 from jax_impl.recon import MASK_SOURCES, recon_terms
 from jax_impl.remat import remat_model
 from jax_impl.sigmoids import ci_pair
@@ -99,7 +99,7 @@ def faithfulness_warmup(run: ResolvedRun, model: DecomposedModel, params: dict) 
 
     opt_state, losses = opt.init(comp), []
     for _ in range(w.steps):
-        comp, opt_state, loss = step(comp, opt_state, model.frozen)
+        comp, opt_state, loss = serial(step(comp, opt_state, model.frozen))  # several processes: one at a time
         losses.append(loss)
     return comp | ci, [float(x) for x in losses]
 
