@@ -18,6 +18,8 @@ each rank's own sums), `summed_grads` (FSDP2 sums instead of averaging the gradi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
 import pickle
 import subprocess
@@ -66,34 +68,41 @@ def case_run(name: str, precision: str, world: int):
 
 
 # ------------------------------------------------------------------ the worker (one per rank)
-def _apply_trap(trap: str | None) -> None:
-    """A deliberate wrong reduction, patched into this process only (S112 traps)."""
+def _trap(trap: str | None):
+    """A context in which one deliberate wrong reduction replaces the right one (patched in
+    this worker process, never in the product code); no trap: nothing changes."""
     if trap is None:
-        return
+        return contextlib.nullcontext()
+    from unittest import mock
+
+    import oracle_torch.backend as be
+    import oracle_torch.state as st
     import oracle_torch.train as tr
     from oracle_torch.ranks import ONE, Ranks
     if trap == "per_rank_log":
         right = tr.importance_minimality
-        tr.importance_minimality = lambda run, u, p, beta, eps, ranks=ONE: right(run, u, p, beta, eps, ONE)
-    elif trap == "summed_grads":
-        import oracle_torch.state as st
-        right_state = st.make_state
-
+        return mock.patch.object(tr, "importance_minimality",
+                                 lambda run, u, p, beta, eps, ranks=ONE: right(run, u, p, beta, eps, ONE))
+    if trap == "summed_grads":
         def summing(run, arrays, dtype, ranks=ONE):
-            state = right_state(run, arrays, dtype, ranks)
+            state = st.make_state(run, arrays, dtype, ranks)
             if state.module is not None:
                 state.module.set_gradient_divide_factor(1.0)  # type: ignore[attr-defined]  # FSDPModule
             return state
-        import oracle_torch.backend as be
-        be.make_state = summing
-    elif trap == "per_rank_source":
+        return mock.patch.object(be, "make_state", summing)
+    if trap == "per_rank_source":
         right_grad = Ranks.source_grad
-        Ranks.source_grad = lambda self, g, per_position: g / self.world if self.sharded else right_grad(self, g, per_position)
-    else:
-        raise ValueError(f"--trap: {trap!r} is not one of {', '.join(TRAPS)}")
+        return mock.patch.object(Ranks, "source_grad", lambda self, g, per_position: (
+            g / self.world if self.sharded else right_grad(self, g, per_position)))
+    raise ValueError(f"--trap: {trap!r} is not one of {', '.join(TRAPS)}")
 
 
-def worker(names: list[str], precisions: list[str], world: int, steps: int, out: Path, trap: str | None) -> None:
+def result_file(out: Path, name: str, precision: str, trap: str | None = None) -> Path:
+    return out / f"{name}.{precision}{'.' + trap if trap else ''}.pkl"
+
+
+def worker(names: list[str], precisions: list[str], world: int, steps: int, out: Path, traps: list[str | None]) -> None:
+    """Run every (trap, precision, case) as this rank; rank 0 writes each result to a file."""
     import torch
 
     from contract.backend import Probe
@@ -101,65 +110,94 @@ def worker(names: list[str], precisions: list[str], world: int, steps: int, out:
     from parity.runners import make_inputs
 
     torch.set_num_threads(1)
-    _apply_trap(trap)
-    backends = []
-    for name, precision in ((n, p) for p in precisions for n in names):
-        run = case_run(name, precision, world)
-        inp = make_inputs(run, precision, steps)
-        be = make_backend("torch", run)
-        backends.append(be)
-        state, warm = be.faithfulness_warmup(be.new_state(inp.init))
-        records, grads0 = [], {}
-        for k in range(steps):
-            rec: dict | None = {} if k == 0 else None
-            state, m = be.train_step(state, k, inp.batches[k], inp.draws[k], None if rec is None else Probe(rec))
-            records.append(be.host_metrics(m))
-            if rec is not None:
-                grads0 = {n[5:]: np.asarray(v) for n, v in rec.items() if n.startswith("grad.")}
-        final = be.export_state(state)
+    backends, state = [], None
+    for trap, precision, name in ((t, p, n) for t in traps for p in precisions for n in names):
+        with _trap(trap):
+            run = case_run(name, precision, world)
+            inp = make_inputs(run, precision, steps)
+            be = make_backend("torch", run)
+            backends.append(be)
+            state, warm = be.faithfulness_warmup(be.new_state(inp.init))
+            records, grads0 = [], {}
+            for k in range(steps):
+                rec: dict | None = {} if k == 0 else None
+                state, m = be.train_step(state, k, inp.batches[k], inp.draws[k], None if rec is None else Probe(rec))
+                records.append(be.host_metrics(m))
+                if rec is not None:
+                    grads0 = {n[5:]: np.asarray(v) for n, v in rec.items() if n.startswith("grad.")}
+            final = be.export_state(state)
         if be.primary:
-            with open(out / f"{name}.{precision}.pkl", "wb") as f:
+            with open(result_file(out, name, precision, trap), "wb") as f:
                 pickle.dump({"records": records, "grads0": grads0, "warmup": list(warm), "final": final}, f)
-    for be in backends[-1:]:
-        be.close()  # the process group, once, after every case
+    # the end of a rank: every FSDP state freed while the process group lives, then the group
+    # left once, by every rank together; the process then ends without interpreter
+    # finalisation (main: os._exit), where torch's gloo teardown can abort a rank whose
+    # results are already written
+    last = backends.pop()
+    del backends, state
+    gc.collect()
+    print(f"rank {last.ranks.rank}: {len(traps) * len(names) * len(precisions)} case(s) written, leaving",
+          file=sys.stderr, flush=True)
+    last.close()
 
 
 # ------------------------------------------------------------------ the driver
 def run_world(names: list[str], precisions: list[str], world: int, out: Path, steps: int = STEPS,
-              trap: str | None = None, timeout: float = TIMEOUT_S) -> dict[tuple[str, str], dict]:
+              timeout: float = TIMEOUT_S) -> dict[tuple[str, str], dict]:
     """Run the cases in each precision on `world` ranks in one subprocess; {(case, precision):
-    result}. A failure (or a timeout) raises RuntimeError with the tail of the ranks' output,
-    which names the rank."""
+    result}. A failure (or a timeout) raises RuntimeError naming the rank (see `_launch`)."""
+    _launch(names, precisions, world, out, steps, [], timeout)
+    return {(n, p): _load(result_file(out, n, p)) for n in names for p in precisions}
+
+
+def run_traps(name: str, precision: str, world: int, out: Path, traps: list[str], steps: int = 1,
+              timeout: float = TIMEOUT_S) -> dict[str, dict]:
+    """Run one case under each trap (one after the other, in one subprocess); {trap: result}."""
+    _launch([name], [precision], world, out, steps, traps, timeout)
+    return {t: _load(result_file(out, name, precision, t)) for t in traps}
+
+
+def _launch(names, precisions, world: int, out: Path, steps: int, traps: list[str], timeout: float) -> None:
+    """The worker on `world` ranks (world 1: plain, else under torchrun). On a failure or a
+    timeout: RuntimeError with the ranks' fatal lines and the tail of their output (each line
+    prefixed with its rank), the whole output kept in `out`/ranks.log."""
     out.mkdir(parents=True, exist_ok=True)
     args = ["-m", "parity.ranks_invariance", "worker", *names, "--precision", *precisions, "--world", str(world),
-            "--steps", str(steps), "--out", str(out)] + (["--trap", trap] if trap else [])
+            "--steps", str(steps), "--out", str(out)] + (["--trap", *traps] if traps else [])
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-               "--max-restarts=0", "--monitor-interval=0.2", *args]
+               "--max-restarts=0", "--monitor-interval=0.2", "--tee=3", *args]
     else:
         cmd = [sys.executable, *args]
     env = os.environ | {"OMP_NUM_THREADS": "1", "VPD_DIST_TIMEOUT_S": "120", "PYTHONPATH": str(REPO_ROOT),
                         "PYTHONFAULTHANDLER": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    log = out / "ranks.log"
     try:
         p = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"world {world}: no result after {timeout:.0f} s (a rank hung?)\n{_tail(e.stderr)}") from e
-    if p.returncode != 0:
-        raise RuntimeError(f"world {world}: exit code {p.returncode}\n{_tail(p.stderr)}")
-    results = {}
-    for n in names:
-        for prec in precisions:
-            with open(out / f"{n}.{prec}.pkl", "rb") as f:
-                results[(n, prec)] = pickle.load(f)
-    return results
+        text, why = _text(e.stdout) + _text(e.stderr), f"no result after {timeout:.0f} s (a rank hung?)"
+    else:
+        if p.returncode == 0:
+            return
+        text, why = p.stdout + p.stderr, f"exit code {p.returncode}"
+    log.write_text(text)
+    fatal = [ln for ln in text.splitlines() if "Fatal Python error" in ln or "terminate called" in ln]
+    raise RuntimeError(f"world {world}: {why}; whole output in {log}\n" + "\n".join(fatal[:8]) + "\n" + _tail(text))
+
+
+def _load(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def _text(text) -> str:
+    return text.decode(errors="replace") if isinstance(text, bytes) else (text or "")
 
 
 def _tail(text, n: int = 40) -> str:
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    return "\n".join((text or "").splitlines()[-n:])
+    return "\n".join(_text(text).splitlines()[-n:])
 
 
 @dataclass
@@ -224,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--world", type=int, required=True)
     w.add_argument("--steps", type=int, default=STEPS)
     w.add_argument("--out", type=Path, required=True)
-    w.add_argument("--trap", choices=TRAPS)
+    w.add_argument("--trap", nargs="+", choices=TRAPS, default=[], help="run every case under each trap instead")
     c = sub.add_parser("compare", help="run world sizes and compare each with world 1")
     c.add_argument("cases", nargs="+", choices=sorted(RANK_CASES))
     c.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
@@ -234,17 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", type=Path, default=Path("ranks_invariance"))
     a = ap.parse_args(argv)
     if a.cmd == "worker":
-        worker(a.cases, a.precision, a.world, a.steps, a.out, a.trap)
-        return 0
+        worker(a.cases, a.precision, a.world, a.steps, a.out, a.trap or [None])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # results written and the group left: nothing is lost by skipping finalisation
     from parity.tolerances import tol
     t0, tt = tol(a.precision, "ranks_step0").rel, tol(a.precision, "ranks_trajectory").rel
     ref = run_world(a.cases, [a.precision], 1, a.out / "world1", a.steps)
     bad = 0
     for world in a.worlds:
-        got = run_world(a.cases, [a.precision], world, a.out / f"world{world}{'-' + a.trap if a.trap else ''}",
-                        a.steps, a.trap)
+        out = a.out / f"world{world}{'-' + a.trap if a.trap else ''}"
+        _launch(a.cases, [a.precision], world, out, a.steps, [a.trap] if a.trap else [], TIMEOUT_S)
         for name in a.cases:
-            worst = compare(ref[(name, a.precision)], got[(name, a.precision)], t0, tt)
+            worst = compare(ref[(name, a.precision)], _load(result_file(out, name, a.precision, a.trap)), t0, tt)
             msg = first_divergence(worst)
             bad += msg is not None
             cells = "  ".join(f"{g} {v.err:.1e}" for g, v in worst.items())

@@ -7,7 +7,7 @@ bash scripts/setup.sh
 bash scripts/lint.sh
 export WANDB_MODE=disabled
 set +e
-.venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
+.venv/bin/python -m pytest -n 2 --dist loadgroup --durations=25 "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then

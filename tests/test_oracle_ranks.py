@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import pytest
 
-from parity.ranks_invariance import RANK_CASES, compare, first_divergence, run_world
+from parity.ranks_invariance import RANK_CASES, TRAPS, compare, first_divergence, run_traps, run_world
 from parity.tolerances import tol
 
-# one worker: at most 4 ranks on the machine at once. Marked `oracle_ranks` and left out of the
-# default run for now: in the full xdist run a rank worker has aborted at teardown ("terminate
-# called without an active exception", SIGABRT), cause not yet found; alone it passes
+# one xdist group with the rank CLI tests: at most 4 ranks on the machine at once; marked so it
+# can run alone (`-m oracle_ranks`)
 pytestmark = [pytest.mark.oracle_ranks, pytest.mark.xdist_group("oracle_ranks")]
 
 NAMES = sorted(RANK_CASES)
@@ -69,6 +68,12 @@ def test_trajectories_move(worlds):
         assert not zero, f"{n}: gradient leaves identically zero at step 0: {zero}"
 
 
+@pytest.fixture(scope="module")
+def trapped(tmp_path_factory):
+    """The persistent-PGD case on 2 ranks under each trap, one step (each shows at step 0)."""
+    return run_traps("ranks_tms_ppgd", "float64", 2, tmp_path_factory.mktemp("traps"), list(TRAPS), steps=1)
+
+
 @pytest.mark.parametrize("trap, where", [
     ("per_rank_log", "step 0 loss/1.importance_minimality"),  # the log of one rank's sums, not the global ones
     # FSDP2 summing N shares that are already whole gradients: the faithfulness warmup before
@@ -76,9 +81,10 @@ def test_trajectories_move(worlds):
     ("summed_grads", "step 0 loss/0.faithfulness"),
     ("per_rank_source", "step 0"),  # shared sources ascending on one rank's share of their gradient
 ])
-def test_wrong_reduction_is_caught(worlds, tmp_path, trap, where):
-    got = run_world(["ranks_tms_ppgd"], ["float64"], 2, tmp_path, trap=trap)
-    worst = _check(worlds[1][("ranks_tms_ppgd", "float64")], got[("ranks_tms_ppgd", "float64")], "float64")
+def test_wrong_reduction_is_caught(worlds, trapped, trap, where):
+    ref = worlds[1][("ranks_tms_ppgd", "float64")]
+    ref_step0 = {"records": ref["records"][:1], "grads0": ref["grads0"], "final": {}}
+    worst = _check(ref_step0, trapped[trap] | {"final": {}}, "float64")
     msg = first_divergence(worst)
     assert msg is not None, f"trap {trap} was not caught"
     assert msg.startswith(f"first divergence at {where}"), msg
