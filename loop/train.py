@@ -200,6 +200,7 @@ def _train(backend: Backend, out_dir: str | Path, resume: bool, progress: bool, 
             pass
         pbar.close()
         log.close()
+        state = loaded = None  # noqa: F841 - freed while a rank's process group still lives (S113)
         backend.close()
         if wb is not None:
             wb.finish()
