@@ -59,6 +59,11 @@ PINNED = {"seed": 0, "sampling": "continuous", "use_delta_component": True, "n_m
           "eval": {"every": 0}, "checkpoint": {"every": 0, "keep": 1}, "log_every": 1}
 TMS_SMALL = PINNED | {"batch_size": 16, "sites": [{"pattern": "linear1", "C": 7}, {"pattern": "linear2", "C": 5}],
              "faithfulness_warmup": {"steps": 3, "lr": 1.0e-3}}
+# S153: at seed 0 with the target's sparse features (p 0.05) the TMS output is identically zero
+# after its final ReLU on a 16-row batch, so every recon term equals the constant mean(clean^2);
+# seed 3 with p 0.5 makes every term of every TMS case depend on its masks and sources
+# (parity/degeneracy.py checks it)
+TMS_SMALL = TMS_SMALL | {"seed": 3, "data": {"feature_probability": 0.5}}
 RESID_SMALL = PINNED | {"batch_size": 8, "faithfulness_warmup": {"steps": 2, "lr": 1.0e-3}}
 LLAMA_SMALL = PINNED | {"batch_size": 2, "data": {"seq_len": 8}, "faithfulness_warmup": {"steps": 2, "lr": 1.0e-3},
                "sites": [{"pattern": "model.layers.0.mlp.*_proj", "C": 6},
@@ -76,8 +81,9 @@ def _cases() -> list[Case]:
     cs = [
         Case("tms_all_terms", "tms_5-2.yaml", "float64", 1,
              TMS_SMALL | {"n_mask_samples": 2, "ci_fn": {"type": "mlp", "hidden": [4]},
-                          "loss_terms": [FAITH, IMP, *ALL_PLAIN_RECON]},
-             "every plain recon plan x source, n_mask_samples 2, imp-min beta/eps/p, mlp CI"),
+                          "loss_terms": [FAITH, IMP, *ALL_PLAIN_RECON[:3], *ALL_PLAIN_RECON[4:]]},
+             "every plain recon plan x source but ci_masked_recon (resid2_chunks: on TMS it is a constant, S153), "
+             "n_mask_samples 2, imp-min beta/eps/p, mlp CI"),
         Case("tms_binomial_nodelta", "tms_5-2.yaml", "float64", 1,
              TMS_SMALL | {"sampling": "binomial", "use_delta_component": False,
                           "ci_fn": {"type": "vector_mlp", "hidden": [4, 3]},
@@ -97,17 +103,17 @@ def _cases() -> list[Case]:
                             "sites": [{"pattern": "layers.*.mlp_in", "C": 9}, {"pattern": "layers.*.mlp_out", "C": 6}],
                             "ci_fn": {"type": "shared_mlp", "hidden": [5]},
                             "loss_terms": [FAITH, IMP, {"type": "chunkwise_subset_recon", "coeff": 1.0, "sites_per_chunk": 3},
-                                           ALL_PLAIN_RECON[2]]},
-             "chunks plan (4 sites in chunks of 3 and 1) on the 2-layer ResidMLP, shared_mlp"),
+                                           ALL_PLAIN_RECON[2], ALL_PLAIN_RECON[3]]},
+             "chunks plan (4 sites in chunks of 3 and 1) on the 2-layer ResidMLP, shared_mlp, ci_masked_recon"),
         Case("llama_kl", "tiny_llama.yaml", "float64", 1,
              LLAMA_SMALL | {"ci_fn": {"type": "shared_mlp", "hidden": [8]},
                             "loss_terms": [FAITH, IMP, ALL_PLAIN_RECON[0], ALL_PLAIN_RECON[2], ALL_PLAIN_RECON[4]]},
              "KL output loss on the tiny Llama, GQA attention sites"),
         Case("llama_transformer", "tiny_llama.yaml", "float64", 1,
-             LLAMA_SMALL | {"ci_fn": {"type": "global_shared_transformer", "d_model": 8, "n_heads": 2,
-                                      "n_blocks": 1, "mlp_hidden": 8},
+             LLAMA_SMALL | {"ci_fn": {"type": "global_shared_transformer", "d_model": 8, "n_heads": 4,
+                                      "n_blocks": 1, "mlp_hidden": 8, "rope_base": 500.0, "rms_eps": 1.0e-5},
                             "loss_terms": [FAITH, IMP, ALL_PLAIN_RECON[0]]},
-             "global_shared_transformer with RoPE over the sequence axis"),
+             "global_shared_transformer with RoPE over the sequence axis (rope_base, rms_eps not default)"),
         Case("llama_embed_head", "tiny_llama.yaml", "float64", 1,
              LLAMA_SMALL | {"sites": [{"pattern": "model.embed_tokens", "C": 6}, {"pattern": "lm_head", "C": 7}],
                             "ci_fn": {"type": "mlp", "hidden": [4]},
@@ -116,7 +122,7 @@ def _cases() -> list[Case]:
         Case("tms_fresh_pgd", "tms_5-2.yaml", "float64", 1,
              TMS_SMALL | {"ci_fn": {"type": "mlp", "hidden": [4]},
                           "loss_terms": [FAITH, IMP,
-                                         {"type": "pgd_recon", "coeff": 1.0, "init": "random", "scope": "bsc", "n_steps": 3, "step_size": 0.2},
+                                         {"type": "pgd_recon", "coeff": 0.9, "init": "random", "scope": "bsc", "n_steps": 3, "step_size": 0.2},
                                          {"type": "pgd_recon_layerwise", "coeff": 0.5, "init": "zeroes", "scope": "c", "n_steps": 2, "step_size": 0.1},
                                          {"type": "pgd_recon_subset", "coeff": 0.7, "init": "random", "scope": "bc", "n_steps": 2, "step_size": 0.3}]},
              "fresh PGD: scopes bsc/c/bc, plans all/per_site/subset"),
@@ -127,8 +133,9 @@ def _cases() -> list[Case]:
              TMS_SMALL | {"use_delta_component": False, "ci_fn": {"type": "mlp", "hidden": [4]},
                           "loss_terms": [FAITH, IMP,
                                          {"type": "pgd_recon", "coeff": 1.0, "init": "ones", "scope": "c", "n_steps": 2, "step_size": 0.1},
-                                         {"type": "pgd_recon_subset", "coeff": 0.5, "init": "ones", "scope": "bsc", "n_steps": 2, "step_size": 0.2}]},
-             "fresh PGD init 'ones' (without delta channel)"),
+                                         {"type": "pgd_recon_subset", "coeff": 0.5, "init": "ones", "scope": "bsc", "n_steps": 2, "step_size": 0.2},
+                                         ALL_PLAIN_RECON[1]]},
+             "fresh PGD init 'ones' (without delta channel); continuous sampling without delta"),
         Case("llama_fresh_pgd", "tiny_llama.yaml", "float64", 1,
              LLAMA_SMALL | {"ci_fn": {"type": "shared_mlp", "hidden": [8]},
                             "loss_terms": [FAITH, IMP,
@@ -168,6 +175,27 @@ def _cases() -> list[Case]:
         for prec in ("float64", "float32"):
             cs.append(Case(f"traj_{tgt}.{prec[-2:]}", conf, prec, 50, ov,
                            "50-step trajectory: schedules with warmup, clip, weight decay, p annealing"))
+    # S152: every number-changing field of the schema not at its default somewhere
+    # (parity/test_case_coverage.py): AdamW betas / eps / weight decay of both groups and of
+    # the warmup, both clips engaged (components' grad norm ~0.4, the CI function's ~2e-3),
+    # binomial sampling with the delta channel, coefficients other than 1, chunks of one site,
+    # a named persistent bundle with its own Adam betas / eps and an lr warmup
+    cs.append(Case("traj_hparams.64", "tms_5-2.yaml", "float64", 8, TMS_SMALL | {
+        "seed": 5, "sampling": "binomial", "use_delta_component": True, "n_mask_samples": 2,
+        "ci_fn": {"type": "vector_mlp", "hidden": [5]},
+        "faithfulness_warmup": {"steps": 2, "lr": 2.0e-3, "weight_decay": 0.05},
+        "optim": {"components": {"lr": {"start": 2.0e-3, "warmup_pct": 0.25, "kind": "linear", "final_frac": 0.3},
+                                 "betas": [0.8, 0.95], "eps": 1.0e-6, "weight_decay": 0.02, "clip": 0.05},
+                  "ci_fn": {"lr": {"start": 4.0e-3, "kind": "cosine", "final_frac": 0.0},
+                            "betas": [0.85, 0.98], "eps": 1.0e-7, "weight_decay": 0.03, "clip": 1.0e-3}},
+        "loss_terms": [{"type": "faithfulness", "coeff": 0.8}, IMP,
+                       {"type": "stochastic_recon", "coeff": 0.6},
+                       {"type": "chunkwise_subset_recon", "coeff": 0.4, "sites_per_chunk": 1},
+                       {"type": "persistent_pgd_recon", "coeff": 0.3, "scope": "c", "n_warmup": 1, "bundle": "adv",
+                        "optimizer": {"type": "adam", "lr": {"start": 0.02, "warmup_pct": 0.25, "kind": "linear",
+                                                             "final_frac": 0.5},
+                                      "betas": [0.7, 0.9], "eps": 1.0e-6}}]},
+        "8 steps with every optimizer hyperparameter off its default, both clips engaged, binomial x delta"))
     return cs
 
 

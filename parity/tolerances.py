@@ -55,6 +55,16 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     ("float32", "mesh_trajectory"): Tol(1e-3, 0.0, 0.0,
         "20 single-precision AdamW steps: normalised updates (m/sqrt(v)) turn 1e-7 noise on near-zero "
         "gradient entries into changes of lr size, then every later loss moves with them"),
+    # the production step against the parity step fed the production draws (S150,
+    # parity/test_production.py), one device. The oracle's two paths are one program: rel 0.
+    ("float64", "production_jax"): Tol(1e-14, 0.0, 0.0,
+        "JAX's production step (draws sampled inside the jitted step) and its parity step (draws passed in) "
+        "are two programs XLA compiles and fuses separately, so a sum may reassociate or contract into an FMA "
+        "differently: observed 2 ulps (1.5e-16) in step-0 ci_fn gradient norms, <= 1e-15 over 3 steps on "
+        "traj_tms_ppgd.64 once the S153 re-pin made its recon terms depend on the masks (the old, degenerate pin "
+        "was bit-identical); another step's schedule values or other draws move values by orders of magnitude more"),
+    ("float32", "production_jax"): Tol(0.0, 0.0, 0.0,
+        "bit for bit on the float32 case (traj_tms.32): no reassociation observed"),
 }
 
 def tol(precision: str, what: str) -> Tol:
