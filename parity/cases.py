@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 import yaml
 
 from contract.config import RunConfig, parse_config
+from contract.init import init_state
 from contract.resolve import ResolvedRun, resolve_run
 from contract.targets import REPO_ROOT
+from parity.runners import Inputs, make_inputs
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,18 @@ class Case:
     steps: int
     overrides: dict = field(default_factory=dict)
     why: str = ""
+    init_edit: str = ""  # a key of INIT_EDITS: an exact edit of the initial state (S154), recorded in the golden
+
+    def init(self, run: ResolvedRun | None = None) -> dict:
+        """The case's initial state: contract/init.py's, then its INIT_EDITS entry."""
+        run = self.run() if run is None else run
+        st = init_state(run)
+        return INIT_EDITS[self.init_edit](run, st) if self.init_edit else st
+
+    def inputs(self, steps: int | None = None) -> Inputs:
+        """The harness's inputs of the case (initial state, batches, draws) for `steps` steps."""
+        run = self.run()
+        return make_inputs(run, self.precision, self.steps if steps is None else steps, self.init(run))
 
     def config_dict(self) -> dict:
         d = yaml.safe_load((REPO_ROOT / "configs" / self.config).read_text())
@@ -75,6 +89,27 @@ TRAJ_OPTIM = {"optim": {
               "clip": 1.0}}}
 ANNEAL = {"type": "importance_minimality", "coeff": 1.0e-2, "pnorm": 2.0, "beta": 0.3, "eps": 1.0e-12,
           "p_anneal_start_frac": 0.2, "p_anneal_end_frac": 0.8, "p_anneal_final_p": 0.9}
+
+
+def _pin_ci_ties(run: ResolvedRun, init: dict) -> dict:
+    """S154: exact ties of both leaky-hard functions. For every site (per-component `mlp` CI
+    function), component 0's CI logit is exactly 0 and component 1's exactly 1 at every
+    position: that component's output-layer weights are 0 and its output bias 0 / 1, so
+    z = 0 * h + b is b bit for bit. The gradient of those weights and biases then passes
+    through the lower function's backward at z = 0 (alpha g where g < 0, else 0) and z = 1
+    (g), and the upper function's at 0 and 1 (slope 1 at both ties), in both frameworks."""
+    assert run.cfg.ci_fn.type == "mlp", "the ties edit pins per-component mlp CI functions"
+    n = len(run.cfg.ci_fn.hidden)
+    out = dict(init)
+    for s in run.sites:
+        w, b = out[f"ci_fn.{s.name}.w{n}"].copy(), out[f"ci_fn.{s.name}.b{n}"].copy()  # [C, h, 1], [C, 1]
+        w[:2] = 0.0
+        b[0], b[1] = 0.0, 1.0
+        out[f"ci_fn.{s.name}.w{n}"], out[f"ci_fn.{s.name}.b{n}"] = w, b
+    return out
+
+
+INIT_EDITS = {"ci_ties": _pin_ci_ties}
 
 
 def _cases() -> list[Case]:
@@ -142,6 +177,11 @@ def _cases() -> list[Case]:
                                            {"type": "pgd_recon", "coeff": 1.0, "init": "random", "scope": "bc", "n_steps": 2, "step_size": 0.1},
                                            {"type": "pgd_recon_subset", "coeff": 0.5, "init": "random", "scope": "c", "n_steps": 1, "step_size": 0.2}]},
              "fresh PGD with a sequence axis (scopes bc, c) and routing shared by ascents and loss"),
+        Case("tms_ties", "tms_5-2.yaml", "float64", 1,
+             TMS_SMALL | {"ci_fn": {"type": "mlp", "hidden": [4]},
+                          "loss_terms": [FAITH, IMP, ALL_PLAIN_RECON[0], ALL_PLAIN_RECON[4]]},
+             "S154: CI logits exactly 0 and 1 (components 0 / 1 of each site at every position): the lower and "
+             "upper leaky-hard backwards at their ties, through masks and importance minimality", "ci_ties"),
     ]
     traj = {
         "tms": ("tms_5-2.yaml", TMS_SMALL | TRAJ_OPTIM | {"ci_fn": {"type": "mlp", "hidden": [4]},

@@ -42,11 +42,12 @@ def _moved(a: float, b: float) -> bool:
     return abs(a - b) > SAME_REL * max(abs(a), abs(b), 1e-300)
 
 
-def degeneracy_problems(run: ResolvedRun) -> list[str]:
-    """Why a case built on `run` is degenerate at step 0 ([] if it is not)."""
+def degeneracy_problems(run: ResolvedRun, init: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Why a case built on `run` (initial state `init`, default contract/init.py's) is
+    degenerate at step 0 ([] if it is not)."""
     run = with_dtype(run, "float64")
     seed, plan = run.cfg.seed, draw_plan(run)
-    init = init_state(run)
+    init = init_state(run) if init is None else init
     draws = sample_numpy(plan, seed, 0)
     record: dict = {}
     base = _terms(run, init, draws, record)

@@ -62,6 +62,8 @@ def write_golden(case: Case, records: list[dict], grads: dict, warmup: list[floa
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "reason": reason,
     }
+    if case.init_edit:  # S154: the initial state is contract/init.py's with this exact edit
+        manifest["init_edit"] = case.init_edit
     (d / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     terms = {"step0": records[0], "warmup": warmup}
     (d / "terms.json").write_text(json.dumps(terms, indent=1, sort_keys=True) + "\n")

@@ -15,7 +15,7 @@ from parity.cases import CASES
 from parity.degeneracy import degeneracy_problems, zero_gradient_groups
 from parity.goldens import GOLDENS, case_dir, load_golden, rel_err, write_golden
 from parity.lock import lock_problem, write_lock
-from parity.runners import make_inputs, run_oracle
+from parity.runners import run_oracle
 
 
 def _deltas(old, records) -> list[tuple[float, str, float, float]]:
@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     for name in names:
         case = CASES[name]
         old = load_golden(name) if (case_dir(name) / "manifest.json").exists() else None
-        records, grads, warm = run_oracle(make_inputs(case.run(), case.precision, case.steps))
-        degenerate = degeneracy_problems(case.run()) + zero_gradient_groups(records)
+        records, grads, warm = run_oracle(case.inputs())
+        degenerate = degeneracy_problems(case.run(), case.init()) + zero_gradient_groups(records)
         if degenerate:  # S153: a case that checks nothing about its masks, sources or a group gets no golden
             print(f"{name}: refused, degenerate case (no golden written):\n  " + "\n  ".join(degenerate), file=sys.stderr)
             log.append(f"- {name}: refused (degenerate)\n")

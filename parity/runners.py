@@ -27,10 +27,11 @@ class Inputs:
     draws: list[dict[str, np.ndarray]]
 
 
-def make_inputs(run: ResolvedRun, precision: str, n_steps: int) -> Inputs:
+def make_inputs(run: ResolvedRun, precision: str, n_steps: int, init: dict[str, np.ndarray] | None = None) -> Inputs:
+    """`init`: the initial state (default contract/init.py's; a case's own: `Case.inputs`)."""
     seed = run.cfg.seed
     plan = draw_plan(run)
-    return Inputs(run, precision, init_state(run),
+    return Inputs(run, precision, init_state(run) if init is None else init,
                   [batch_for_step(run, seed, k) for k in range(n_steps)],
                   [sample_numpy(plan, seed, k) for k in range(n_steps)])
 

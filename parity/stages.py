@@ -28,7 +28,6 @@ from safetensors.numpy import save_file
 
 from parity.cases import CASES
 from parity.goldens import rel_err
-from parity.runners import make_inputs
 from parity.tolerances import tol
 
 STAGES = ["draw", "clean_out", "site_input", "ci_logits", "ci_lower", "ci_upper", "route", "mask",
@@ -42,7 +41,7 @@ def stage_of(name: str) -> str:
 
 def _step_inputs(case_name: str, step: int):
     case = CASES[case_name]
-    inp = make_inputs(case.run(), case.precision, step + 1)
+    inp = case.inputs(step + 1)
     return case, inp
 
 

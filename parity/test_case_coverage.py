@@ -43,7 +43,7 @@ DEGENERACY_CASES = [n for n in CASES if not n.endswith(".32")]
 @pytest.mark.parametrize("name", DEGENERACY_CASES)
 def test_case_is_not_degenerate(name):
     # guards S153
-    problems = degeneracy_problems(CASES[name].run())
+    problems = degeneracy_problems(CASES[name].run(), CASES[name].init())
     assert not problems, f"case {name} is degenerate (re-pin its seed / data / CI so its terms depend on masks " \
         f"and sources):\n" + "\n".join(problems)
 
@@ -68,3 +68,26 @@ def test_degeneracy_check_catches_a_constant_term():
     assert any("stochastic_recon" in p and "resampled" in p for p in problems), problems
     assert zero_gradient_groups([{"grad_norm/sources.t3.linear1": 0.0, "grad_norm/components": 1.0}] * 3) == \
         ["gradient of sources.t3 is exactly zero at all 3 steps"]
+
+
+def test_ties_case_hits_both_ties_at_every_position():
+    # guards S154: tms_ties' CI logits are exactly 0 (component 0) and exactly 1 (component 1)
+    # of every site at every position of step 0, after the faithfulness warmup, and the other
+    # components are off the ties
+    import numpy as np
+
+    from contract.backend import Probe
+    from contract.data import batch_for_step
+    from contract.draws import draw_plan, sample_numpy
+    from loop.backends import make_backend
+    case = CASES["tms_ties"]
+    run = case.run()
+    be = make_backend("torch", run)
+    state, _ = be.faithfulness_warmup(be.new_state(case.init(run)))
+    rec: dict = {}
+    be.forward_terms(state, 0, batch_for_step(run, run.cfg.seed, 0), sample_numpy(draw_plan(run), run.cfg.seed, 0),
+                     Probe(rec))
+    for s in run.sites:
+        z = np.asarray(rec[f"ci_logits.{s.name}"]).reshape(-1, s.C)
+        assert np.all(z[:, 0] == 0.0) and np.all(z[:, 1] == 1.0), (s.name, z[:, :2])
+        assert np.all((z[:, 2:] != 0.0) & (z[:, 2:] != 1.0)), s.name

@@ -9,7 +9,7 @@ from contract.config import config_diff
 from parity.cases import CASES
 from parity.goldens import compare_result, load_golden, provenance_note
 from parity.lock import lock_problem
-from parity.runners import make_inputs, run_jax, run_oracle
+from parity.runners import run_jax, run_oracle
 
 _cache: dict = {}
 
@@ -18,7 +18,7 @@ def _result(backend: str, name: str):
     key = (backend, name)
     if key not in _cache:
         case = CASES[name]
-        inp = _cache.setdefault(("inputs", name), make_inputs(case.run(), case.precision, case.steps))
+        inp = _cache.setdefault(("inputs", name), case.inputs())
         _cache[key] = (run_oracle if backend == "oracle" else run_jax)(inp)
     return _cache[key]
 
@@ -30,6 +30,9 @@ def _golden(name: str):
         diff = "\n".join(config_diff(g.manifest["config"], cfg.to_dict()))
         pytest.fail(f"golden {name} is stale: it was made for another config (regenerate with "
                     f"`python -m parity.regen --reason ... --cases {name}`):\n{diff}")
+    if g.manifest.get("init_edit", "") != CASES[name].init_edit:  # S154: an edited initial state
+        pytest.fail(f"golden {name} is stale: made with init_edit {g.manifest.get('init_edit', '')!r}, the case has "
+                    f"{CASES[name].init_edit!r} (regenerate with `python -m parity.regen --reason ... --cases {name}`)")
     return g, (g.trajectory, g.grads, g.terms["warmup"])
 
 
