@@ -65,7 +65,37 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
         "was bit-identical); another step's schedule values or other draws move values by orders of magnitude more"),
     ("float32", "production_jax"): Tol(0.0, 0.0, 0.0,
         "bit for bit on the float32 case (traj_tms.32): no reassociation observed"),
+    # bf16 compute (S70) against the float32 goldens (S156, parity/test_bf16_parity.py): the
+    # row's rel is the budget of ONE bf16 layer on a term's path; bf16_term_rel below scales it
+    ("bf16", "term"): Tol(2 * 4 * 2.0 ** -8, 1e-6, 0.0,
+        "per bf16 layer on the term's path: 4 roundings (input, weight, masked product, output) of relative "
+        "<= u = 2^-8 each, doubled by the quadratic loss; see bf16_term_rel"),
 }
+
+BF16_U = 2.0 ** -8  # bfloat16's unit roundoff: 8 significant bits (its machine epsilon is 2^-7 = 7.8e-3)
+F32_U = 2.0 ** -24  # float32's unit roundoff
+
+
+def bf16_term_rel(layers: int, n: int) -> float:
+    """Relative tolerance of a loss term computed with bf16 compute (S70) against the float32
+    golden, for a term with `layers` bf16 layers on its path and a float32 reduction of `n`
+    elements (S156):
+
+    - every bf16 layer rounds its input, its weight (V / U / W, or a CI-function layer), the
+      masked product and its output to bf16: 4 roundings of relative size <= u = 2^-8 each,
+      so an element of the term's argument is within 4 * layers * u of its float32 value (first
+      order; the clean and the masked outputs go through the same rounded weights);
+    - the loss is quadratic in those elements (MSE; importance minimality's (ci + eps)^p with
+      p <= 2), which doubles the relative error: 2 * 4 * layers * u (the ("bf16", "term") row
+      per layer);
+    - the term's reduction runs in float32 (S70, checked on the program by
+      tests/test_jax_bf16.py): summing n elements adds at most n * 2^-24 (the worst case of
+      sequential accumulation). The same sum accumulated in bf16 would be allowed n * 2^-8.
+
+    Observed (traj_resid.32, step 0): recon terms 3.2e-3, importance minimality 3.6e-3,
+    against 6.3e-2 (2 layers)."""
+    return TOLERANCES[("bf16", "term")].rel * layers + n * F32_U
+
 
 def tol(precision: str, what: str) -> Tol:
     return TOLERANCES[(precision, what)]
