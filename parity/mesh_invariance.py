@@ -126,41 +126,56 @@ def run_devices(devices: int, spec: dict) -> dict:
 
 def run_processes(n: int, per: int, spec: dict) -> dict:
     """The jobs as `n` processes of `per` devices each (jax.distributed); a process that fails
-    stops the others and is named."""
+    stops the others and is named. Their output goes to files, not pipes: a RESULT line larger
+    than a pipe's buffer, unread until every process ends, kept process 0 from reaching JAX's
+    shutdown barrier, and process 1 aborted there after the shutdown timeout."""
+    import tempfile
+
     from jax_impl.launch import _free_port, child_env
     addr = f"127.0.0.1:{_free_port()}"
     base = _env(per)
-    procs = []
-    for i in range(n):
-        env = dict(base)
-        env.update(child_env(n * per, n, i, addr))
-        env["JAX_ENABLE_X64"] = "1"
-        procs.append(subprocess.Popen([sys.executable, "-m", "parity.mesh_invariance", "worker", json.dumps(spec)],
-                                      env={**env, **{k: base[k] for k in ("PYTHONPATH",)}}, cwd=REPO_ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    deadline = time.monotonic() + TIMEOUT
+    procs, files = [], []
     try:
+        for i in range(n):
+            env = dict(base)
+            env.update(child_env(n * per, n, i, addr))
+            env["JAX_ENABLE_X64"] = "1"
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            files.append((out, err))
+            procs.append(subprocess.Popen([sys.executable, "-m", "parity.mesh_invariance", "worker", json.dumps(spec)],
+                                          env={**env, **{k: base[k] for k in ("PYTHONPATH",)}}, cwd=REPO_ROOT,
+                                          stdout=out, stderr=err, text=True))
+
+        def text(i: int, which: int) -> str:
+            f = files[i][which]
+            f.seek(0)
+            return f.read()
+
+        deadline = time.monotonic() + TIMEOUT
         while any(p.poll() is None for p in procs):
             bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
             if bad or time.monotonic() > deadline:
                 for p in procs:
                     if p.poll() is None:
                         p.kill()
+                        p.wait()
                 if bad:
                     i, code = bad[0]
-                    raise RuntimeError(f"process {i} of {n} failed (exit {code}):\n{procs[i].communicate()[1][-3000:]}")
+                    raise RuntimeError(f"process {i} of {n} failed (exit {code}):\n{text(i, 1)[-3000:]}")
                 raise RuntimeError(f"the {n} processes did not finish within {TIMEOUT} s (alive: "
                                    f"{[i for i, p in enumerate(procs) if p.returncode is None]})")
             time.sleep(0.2)
-        outs = [p.communicate() for p in procs]
+        for i, p in enumerate(procs):
+            if p.returncode != 0:
+                raise RuntimeError(f"process {i} of {n} failed (exit {p.returncode}):\n{text(i, 1)[-3000:]}")
+        return _result(text(0, 0))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for i, p in enumerate(procs):
-        if p.returncode != 0:
-            raise RuntimeError(f"process {i} of {n} failed (exit {p.returncode}):\n{outs[i][1][-3000:]}")
-    return _result(outs[0][0])
+        for out, err in files:
+            out.close()
+            err.close()
 
 
 def rel(a: float, b: float, floor: float = 1e-12) -> float:
