@@ -25,6 +25,7 @@ Numerics of the Llama forward (written from the math of transformers' ``modeling
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -153,7 +154,15 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarra
     return x * c + rotate_half(x) * s
 
 
-def llama_forward(cfg: dict, frozen: dict[str, jnp.ndarray], ids: jnp.ndarray, site: SiteFn) -> jnp.ndarray:
+Block = Callable[[Callable[[jnp.ndarray], jnp.ndarray]], Callable[[jnp.ndarray], jnp.ndarray]]
+
+
+def _whole(f):
+    return f
+
+
+def llama_forward(cfg: dict, frozen: dict[str, jnp.ndarray], ids: jnp.ndarray, site: SiteFn,
+                  block: Block = _whole) -> jnp.ndarray:
     if cfg.get("hidden_act", "silu") != "silu":
         raise NotImplementedError(f"target.config: hidden_act {cfg.get('hidden_act')!r} is not implemented (only silu)")
     d = cfg["hidden_size"]
@@ -181,8 +190,7 @@ def llama_forward(cfg: dict, frozen: dict[str, jnp.ndarray], ids: jnp.ndarray, s
     causal = jnp.tril(jnp.ones((T, T), dtype=bool))
     neg = jnp.asarray(jnp.finfo(dt).min, dt)
 
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}"
+    def layer(p: str, h: jnp.ndarray) -> jnp.ndarray:
         x = rms_norm(h, frozen[f"{p}.input_layernorm.weight"], eps)
         q = site(f"{p}.self_attn.q_proj", x).reshape(B, T, nh, hd)
         k = site(f"{p}.self_attn.k_proj", x).reshape(B, T, nkv, hd)
@@ -199,7 +207,10 @@ def llama_forward(cfg: dict, frozen: dict[str, jnp.ndarray], ids: jnp.ndarray, s
         x = rms_norm(h, frozen[f"{p}.post_attention_layernorm.weight"], eps)
         g = site(f"{p}.mlp.gate_proj", x)
         u = site(f"{p}.mlp.up_proj", x)
-        h = h + site(f"{p}.mlp.down_proj", jax.nn.silu(g) * u)
+        return h + site(f"{p}.mlp.down_proj", jax.nn.silu(g) * u)
+
+    for i in range(cfg["num_hidden_layers"]):
+        h = block(partial(layer, f"model.layers.{i}"))(h)
 
     h = rms_norm(h, frozen["model.norm.weight"], eps)
     return site("lm_head", h)
@@ -215,8 +226,13 @@ def target_forward(
     frozen: dict[str, jnp.ndarray],
     inputs: jnp.ndarray,
     site: SiteFn | None = None,
+    block: Block = _whole,
 ) -> jnp.ndarray:
     """Run a target. Every module of ``module_table(kind, cfg)`` goes through ``site`` once, in order.
+
+    ``block(f)`` wraps each layer of the network, ``f`` (the residual stream in, out: a Llama decoder
+    layer, a ResidMLP MLP block; TMS is one block), e.g. in ``jax.checkpoint`` (jax_impl/remat.py);
+    the default is ``f`` itself.
 
     TMS / ResidMLP: inputs [..., n_features] → [..., n_features]; Llama: token ids [B, T] → logits [B, T, V],
     or input embeddings [B, T, d] (floating) → logits: those skip ``model.embed_tokens``, which must then
@@ -225,14 +241,17 @@ def target_forward(
     if site is None:
         site = default_site(kind, cfg, frozen)
     if kind == "tms":
-        return jax.nn.relu(site("linear2", site("linear1", inputs)))
+        return block(lambda x: jax.nn.relu(site("linear2", site("linear1", x))))(inputs)
     if kind == "resid_mlp":
         w_e = frozen["W_E"]  # [n_features, d_embed]
         r = _mm(inputs, w_e)
+        def mlp_block(i: int, r: jnp.ndarray) -> jnp.ndarray:
+            return r + site(f"layers.{i}.mlp_out", jax.nn.relu(site(f"layers.{i}.mlp_in", r)))
+
         for i in range(cfg["n_layers"]):
-            r = r + site(f"layers.{i}.mlp_out", jax.nn.relu(site(f"layers.{i}.mlp_in", r)))
+            r = block(partial(mlp_block, i))(r)
         # unembedding W_U = W_E^T (the math of the target, not a layout change)
         return jnp.einsum("...e,fe->...f", r, w_e, precision=_HI)
     if kind == "llama":
-        return llama_forward(cfg, frozen, inputs, site)
+        return llama_forward(cfg, frozen, inputs, site, block)
     raise ValueError(f"target.kind: unknown target kind {kind!r}")
