@@ -29,13 +29,19 @@ FINITE_KEYS = (FINITE,)  # the production step's extra device flag (S106)
 
 def production_draws(backend: str, run: ResolvedRun, step: int, batch_shape=None) -> dict[str, np.ndarray]:
     """The draws backend `backend` samples itself for training step `step` of `run`."""
+    return production_draws_at(backend, run, [step], batch_shape)[step]
+
+
+def production_draws_at(backend: str, run: ResolvedRun, steps, batch_shape=None) -> dict[int, dict[str, np.ndarray]]:
+    """{step: the draws backend `backend` samples itself for that training step of `run`}
+    (JAX: one compiled sampler for every step)."""
     plan = draw_plan(run, batch_shape)
     if backend == "torch":
         import torch
 
         from oracle_torch.train import draws_for_step
         dt = {"float64": torch.float64, "float32": torch.float32}[run.cfg.runtime.dtype]
-        return {k: v.numpy() for k, v in draws_for_step(run, step, dt, batch_shape).items()}
+        return {s: {k: v.numpy() for k, v in draws_for_step(run, s, dt, batch_shape).items()} for s in steps}
     import jax
 
     from jax_impl.mesh import Placement, make_mesh, mesh_shape
@@ -46,9 +52,12 @@ def production_draws(backend: str, run: ResolvedRun, step: int, batch_shape=None
     shardings = None
     if D * K > 1:
         shardings = Placement(run, make_mesh(D, K)).draw_shardings(plan)
-    key = jax.random.fold_in(prng_key(run.cfg.seed), step)
-    out = jax.jit(lambda k: sample_draws(plan, k, dtype, shardings))(key)
-    return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+    sample = jax.jit(lambda k: sample_draws(plan, k, dtype, shardings))
+    out = {}
+    for s in steps:
+        d = sample(jax.random.fold_in(prng_key(run.cfg.seed), s))
+        out[s] = {k: np.asarray(jax.device_get(v)) for k, v in d.items()}
+    return out
 
 
 def production_vs_parity(backend: str, run: ResolvedRun, precision: str, steps: int, rel: float = 0.0) -> list[str]:
@@ -61,14 +70,18 @@ def production_vs_parity(backend: str, run: ResolvedRun, precision: str, steps: 
 
     run = with_dtype(run, precision)
     init = init_state(run)
-    prod, par = make_backend(backend, run), make_backend(backend, run)
-    sa, _ = prod.faithfulness_warmup(prod.new_state({k: v.copy() for k, v in init.items()}))
-    sb, _ = par.faithfulness_warmup(par.new_state({k: v.copy() for k, v in init.items()}))
+    # one backend, two states: its production path (`train_step(..., None)`) and its parity
+    # path (explicit draws) are separate functions of the backend (JAX: two jitted programs)
+    be = make_backend(backend, run)
+    prod = par = be
+    sa, _ = be.faithfulness_warmup(be.new_state({k: v.copy() for k, v in init.items()}))
+    sb, _ = be.faithfulness_warmup(be.new_state({k: v.copy() for k, v in init.items()}))
+    draws = production_draws_at(backend, run, range(steps))
     problems: list[str] = []
     for k in range(steps):
         batch = batch_for_step(run, run.cfg.seed, k)
         sa, ma = prod.train_step(sa, k, batch, None)
-        sb, mb = par.train_step(sb, k, batch, production_draws(backend, run, k))
+        sb, mb = par.train_step(sb, k, batch, draws[k])
         ma = {n: v for n, v in prod.host_metrics(ma).items() if n not in FINITE_KEYS}
         mb = par.host_metrics(mb)
         if set(ma) != set(mb):
@@ -86,8 +99,7 @@ def production_vs_parity(backend: str, run: ResolvedRun, precision: str, steps: 
             d = float(np.max(np.abs(a - b))) if a.size else 0.0
             if a.shape != b.shape or d > rel * (float(np.linalg.norm(a.ravel())) if a.size else 0.0):
                 problems.append(f"final state: leaf {n} differs (max abs {d:.3e}, relative to the leaf's norm)")
-    prod.close()
-    par.close()
+    be.close()
     return problems
 
 
