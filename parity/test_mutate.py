@@ -1,0 +1,34 @@
+"""The mutation catalogue (`python -m parity.mutate`, issue #15 item 8) stays in step with the
+code: every entry applies (its snippet occurs exactly once in its file) and changes the file;
+the command itself is not run here (each mutation is a whole gate run)."""
+from __future__ import annotations
+
+import pytest
+
+from parity.mutate import CATALOGUE, apply, problem
+
+
+def test_catalogue_is_large_and_named_uniquely():
+    assert len(CATALOGUE) >= 40
+    assert len({m.name for m in CATALOGUE}) == len(CATALOGUE)
+
+
+@pytest.mark.parametrize("m", CATALOGUE, ids=[m.name for m in CATALOGUE])
+def test_mutation_applies_to_the_tree(m, tmp_path):
+    why = problem(m)
+    assert why is None, f"mutation {m.name} no longer applies: {why} (update parity/mutate.py)"
+    from contract.targets import REPO_ROOT
+    dst = tmp_path / m.path
+    dst.parent.mkdir(parents=True)
+    dst.write_text((REPO_ROOT / m.path).read_text())
+    apply(m, tmp_path)
+    assert dst.read_text() != (REPO_ROOT / m.path).read_text()
+
+
+def test_a_snippet_that_moved_is_reported(tmp_path):
+    m = CATALOGUE[0]
+    (tmp_path / m.path).parent.mkdir(parents=True)
+    (tmp_path / m.path).write_text("nothing to see\n")
+    assert "occurs 0 times" in (problem(m, tmp_path) or "")
+    with pytest.raises(ValueError, match=m.name):
+        apply(m, tmp_path)
