@@ -239,3 +239,41 @@ def test_production_eval_reports_the_probe():
         keys.append(set(m))
     assert keys[0] == keys[1] == expected_keys(run), keys
     assert "eval/pgd/mse" in keys[1]
+
+
+EVAL_N_BATCHES = 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_loop_eval_is_the_mean_over_its_batches(backend):
+    # guards S157: the loop's eval (`Backend.evaluate`) at step k over eval.n_batches batches is
+    # the mean of the per-batch metrics of eval-stream batches k * n + j. Compared on the
+    # metrics that do not depend on the eval draws (the loop samples those itself): L0 and the
+    # ci / unmasked / rounded / zero variants.
+    from contract.config import parse_config
+    from contract.resolve import resolve_run
+    from loop.backends import make_backend
+    ec = EVAL_CASES["tms_no_pgd"]
+    case = ec.case()
+    d = case.config_dict()
+    d["eval"]["n_batches"] = EVAL_N_BATCHES
+    run = resolve_run(parse_config(d, "eval n_batches"))
+    be = make_backend(backend, run)
+    state = be.new_state(states(ec)[f"step{N_STEPS}"])
+    step, cfg = 2, run.cfg
+    got = be.host_metrics(be.evaluate(state, step))
+    _, draws = eval_inputs(run)
+    per = [be.eval_metrics(state, batch_for_step(run, cfg.seed, step * EVAL_N_BATCHES + j,
+                                                 batch=cfg.eval.batch_size, split="eval"), draws)
+           for j in range(EVAL_N_BATCHES)]
+    be.close()
+    keys = [k for k in got if not k.endswith("/stochastic") and not k.startswith("eval/pgd/")]
+    assert any("/l0/" in k for k in keys) and any(k.endswith("/rounded") for k in keys), keys
+    assert any(per[0][k] != per[1][k] for k in keys), "the eval batches are identical: the mean checks nothing"
+    t = tol(case.precision, "term")
+    bad = []
+    for k in keys:
+        mean = sum(p[k] for p in per) / EVAL_N_BATCHES
+        if rel_err(got[k], mean, t.floor) > t.rel:
+            bad.append(f"{k}: loop eval {got[k]!r} vs mean of the {EVAL_N_BATCHES} batches {mean!r}")
+    assert not bad, f"{backend}: the loop's eval is not the mean over its batches:\n" + "\n".join(bad)
