@@ -59,7 +59,11 @@ CATALOGUE: list[Mutation] = [
     M("adam_weight_decay_ignored", "jax_impl/state.py", "weight_decay=oc.weight_decay)", "weight_decay=0.0)",
       "AdamW ignores the configured weight decay"),
     M("ci_opt_takes_component_settings", "jax_impl/train.py", "opt = adamw(getattr(cfg.optim, name[4:]))",
-      "opt = adamw(cfg.optim.components)", "the CI function's optimizer takes the components' settings"),
+      "opt = adamw(cfg.optim.components)", "the CI function's step built with the components' settings",
+      equivalent="optax.inject_hyperparams keeps b1 / b2 / eps / weight_decay in the optimizer state made by "
+                 "make_state, and the step's update reads them from there: the constructor's values are unused"),
+    M("ci_opt_state_takes_component_settings", "jax_impl/state.py", "opt_ci_fn=adamw(o.ci_fn).init(ci)",
+      "opt_ci_fn=adamw(o.components).init(ci)", "the CI function's AdamW state made with the components' settings"),
     M("lr_groups_swapped", "jax_impl/train.py", 'hp["lr_components"]),', 'hp["lr_ci_fn"]),',
       "the components step with the CI function's learning rate"),
     M("clip_groups_swapped", "jax_impl/train.py", "clip_grad_norm(g_comp, cfg.optim.components.clip)",
