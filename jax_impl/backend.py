@@ -28,7 +28,6 @@ from jax_impl import checkpoint as ckpt
 from jax_impl.components import DecomposedModel
 from jax_impl.eval import Evaluator, eval_ci, to_jax_batch
 from jax_impl.mesh import check_layout, serial as _serial
-from jax_impl.remat import use_memory_scheduler
 from jax_impl.state import TrainState, abstract_tree, jax_dtype, make_state
 from jax_impl.train import Stepper, faithfulness_warmup, forward_terms
 
@@ -47,7 +46,6 @@ class JaxBackend:
         ckpt.sync("vpd-barrier")
 
     def __init__(self, run: ResolvedRun):
-        use_memory_scheduler(run.cfg.runtime.remat)  # S144: before XLA reads its flags (a no-op when off)
         self.run = run
         self.primary = jax.process_index() == 0  # S113: process 0 owns the run directory (True with one process)
         self.dtype = jax_dtype(run.cfg.runtime.dtype)

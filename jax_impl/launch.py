@@ -88,7 +88,10 @@ def needs_launch(run: ResolvedRun, processes: int | None) -> bool:
 
 def join(run: ResolvedRun) -> None:
     """Join the run's processes when the environment names them (nothing otherwise). Before
-    JAX starts a backend: the CPU collectives and the local device count are set here."""
+    JAX starts a backend: the CPU collectives, the local device count and remat's scheduler
+    (S144, before XLA reads its flags) are set here."""
+    from jax_impl.remat import use_memory_scheduler
+    use_memory_scheduler(run.cfg.runtime.remat)  # a no-op when remat is off
     env = check(run, None)
     if env is None:
         return

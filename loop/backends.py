@@ -24,8 +24,6 @@ def make_backend(name: str, run: ResolvedRun) -> Backend:
         return OracleBackend(run)
     if name == "jax":  # float64 needs jax_enable_x64, set by the caller before JAX computes (loop/cli.py)
         from jax_impl.launch import join
-        from jax_impl.remat import use_memory_scheduler
-        use_memory_scheduler(run.cfg.runtime.remat)  # S144: before join starts XLA's devices (a no-op when off)
         join(run)  # S146: one of several processes when the environment names them (before JAX starts)
         from jax_impl.backend import JaxBackend
         return JaxBackend(run)
