@@ -39,7 +39,7 @@ EXEMPT: dict[str, str] = {
     "checkpoint.every": "cadence of the loop",
     "checkpoint.keep": "cadence of the loop",
     "runtime.dtype": "precision is the case's own axis (float64 and float32 cases; bf16 is refused by the oracle, "
-                     "tests/test_jax_bf16.py)",
+                     "tests/test_jax_bf16.py; its reductions: parity/test_bf16_parity.py)",
     "runtime.mesh.data": "the same math on any mesh: tests/test_jax_mesh*.py, parity/test_parity_ranks.py",
     "runtime.mesh.components": "the same math on any mesh: tests/test_jax_mesh_invariance.py",
     "runtime.draws": "where the draws come from; the parity feed is runtime.draws contract by construction, "

@@ -190,6 +190,19 @@ def pristine_copy(dst: Path) -> None:
     (dst / ".venv").symlink_to(REPO_ROOT / ".venv")
 
 
+# The gate's files, those that kill most mutants soonest first: with -x a killed mutant's run
+# ends at its first failure. The run is still the whole of `pytest parity/` (every test file).
+GATE_FIRST = ("test_parity.py", "test_production.py", "test_eval_parity.py", "test_resume_parity.py",
+              "test_bf16_parity.py", "test_case_coverage.py")
+
+
+def gate_targets(root: Path = REPO_ROOT) -> list[str]:
+    """Every test file of parity/ at `root`, GATE_FIRST's first."""
+    files = sorted(p.name for p in (root / "parity").glob("test_*.py"))
+    first = [f for f in GATE_FIRST if f in files]
+    return [f"parity/{f}" for f in first + [f for f in files if f not in first]]
+
+
 FAIL_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
 
 
@@ -217,8 +230,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="run the whole suite against each survivor of pytest parity/")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR (kept) instead of a temporary directory")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per pytest run (default 3600)")
-    ap.add_argument("--tests", nargs="+", default=["parity/"], metavar="T",
-                    help="pytest targets of each run (default parity/; e.g. one test id for a quick look)")
+    ap.add_argument("--tests", nargs="+", default=None, metavar="T",
+                    help="pytest targets of each run (default: every file of parity/, those that kill most "
+                         "mutants first; e.g. one test id for a quick look)")
     a = ap.parse_args(argv)
     if a.list:
         for m in CATALOGUE:
@@ -247,7 +261,7 @@ def main(argv=None) -> int:
                 rows.append((m, "does not apply", str(e), 0.0))
                 print(f"{m.name}: does not apply ({e})", flush=True)
                 continue
-            failed, first, secs = run_tests(tree, a.tests, a.timeout)
+            failed, first, secs = run_tests(tree, a.tests or gate_targets(tree), a.timeout)
             if not failed and a.full:
                 failed, first, more = run_tests(tree, [], a.timeout)
                 first, secs = (f"{first} (whole suite)" if failed else first), secs + more

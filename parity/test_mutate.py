@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from contract.targets import REPO_ROOT
 from parity.mutate import CATALOGUE, apply, problem
 
 
@@ -32,3 +33,17 @@ def test_a_snippet_that_moved_is_reported(tmp_path):
     assert "occurs 0 times" in (problem(m, tmp_path) or "")
     with pytest.raises(ValueError, match=m.name):
         apply(m, tmp_path)
+
+
+def test_gate_run_is_every_parity_test_file(tmp_path):
+    # the reordered gate is still the whole of `pytest parity/`: every test file, once, the
+    # killers first; a new test file is picked up without editing the list
+    from parity.mutate import GATE_FIRST, gate_targets
+    names = sorted(p.name for p in (REPO_ROOT / "parity").glob("test_*.py"))
+    got = gate_targets()
+    assert sorted(got) == [f"parity/{n}" for n in names] and len(set(got)) == len(got)
+    assert got[: len(GATE_FIRST)] == [f"parity/{n}" for n in GATE_FIRST]
+    (tmp_path / "parity").mkdir()
+    for n in ("test_zz_new.py", "test_parity.py"):
+        (tmp_path / "parity" / n).write_text("")
+    assert gate_targets(tmp_path) == ["parity/test_parity.py", "parity/test_zz_new.py"]

@@ -89,7 +89,7 @@ def bf16_term_rel(layers: int, n: int) -> float:
       p <= 2), which doubles the relative error: 2 * 4 * layers * u (the ("bf16", "term") row
       per layer);
     - the term's reduction runs in float32 (S70, checked on the program by
-      tests/test_jax_bf16.py): summing n elements adds at most n * 2^-24 (the worst case of
+      parity/test_bf16_parity.py): summing n elements adds at most n * 2^-24 (the worst case of
       sequential accumulation). The same sum accumulated in bf16 would be allowed n * 2^-8.
 
     Observed (traj_resid.32, step 0): recon terms 3.2e-3, importance minimality 3.6e-3,
