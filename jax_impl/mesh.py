@@ -50,19 +50,22 @@ def make_mesh(data: int, components: int = 1) -> Mesh:
 
 
 def serial(out):
-    """With several processes, wait until a dispatched program has finished before the caller
-    dispatches the next (one process: `out` as it is, dispatch stays asynchronous).
+    """With several devices, wait until a dispatched program has finished before the caller
+    dispatches the next (one device: `out` as it is, dispatch stays asynchronous).
 
-    Why (issue #13): with several local devices per process, each device is a gloo rank and XLA's
-    CPU client launches each device's share of a program on a shared thread pool, where a launch
-    first waits for a slot of that device's in-flight semaphore. A loop of jitted programs with
+    Why (issue #13): XLA's CPU client launches each device's share of a program on a shared
+    thread pool, where a launch first waits for a slot of that device's in-flight semaphore, and
+    a share that reaches a collective waits there for its peers. A loop of jitted programs with
     no host read between them (the faithfulness warmup's 100 steps) hung both processes of the
     tiny LM at 5 s of CPU time; gdb showed, in each process, one pool thread in
     `gloo::allreduce` (one local device inside program n, waiting for its peers), one pool thread
     blocked in `Semaphore::Acquire` under `CpuPjRtRawLoadedExecutable::Execute` (a launch of a
     later program) and the main thread dispatching in `PjitFunction::Call`: the other local
-    device's share of program n never ran. One program in flight at a time cannot starve."""
-    return jax.block_until_ready(out) if jax.process_count() > 1 else out
+    device's share of program n never ran. The same starvation hit one process of 4 simulated
+    devices on this 2-core machine (the tiny LM's (2, 2) mesh, under load): XLA aborted after 40 s
+    with two pool threads in the in-process all-reduce of devices [0, 1] and [2, 3], each
+    waiting for a peer that never arrived. One program in flight at a time cannot starve."""
+    return jax.block_until_ready(out) if jax.device_count() > 1 else out
 
 
 def make_data_mesh(n: int) -> Mesh:

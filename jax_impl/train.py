@@ -99,7 +99,7 @@ def faithfulness_warmup(run: ResolvedRun, model: DecomposedModel, params: dict) 
 
     opt_state, losses = opt.init(comp), []
     for _ in range(w.steps):
-        comp, opt_state, loss = serial(step(comp, opt_state, model.frozen))  # several processes: one at a time
+        comp, opt_state, loss = serial(step(comp, opt_state, model.frozen))  # several devices: one at a time
         losses.append(loss)
     return comp | ci, [float(x) for x in losses]
 
