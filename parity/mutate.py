@@ -6,6 +6,10 @@ whole gate run).
 
   python -m parity.mutate [--only NAME ...] [--list] [--full] [--keep DIR] [--timeout S] [--tests T ...]
 
+Each mutation is first run against the test of the gate that killed it last time
+(`FIRST_LOOK`), then, if it survives that, against the whole gate; `--tests` runs only the
+given targets.
+
 Every entry replaces one exact, unique snippet of one file (`old` -> `new`); an entry that no
 longer applies (the code moved) is reported as such, never skipped silently
 (`parity/test_mutate.py` checks that every entry applies to the tree). An entry known to be
@@ -164,6 +168,39 @@ CATALOGUE: list[Mutation] = [
 ]
 BY_NAME = {m.name: m for m in CATALOGUE}
 
+# Where to look first: the gate's test that killed each mutation when the whole gate was last
+# run against it. A mutation is first run against its entry here; only if that passes does the
+# whole of `pytest parity/` run. The verdict is the same (the gate's tests are independent, so a
+# test that fails alone fails in the whole run); the entry only saves running the rest.
+_J = "parity/test_parity.py::test_jax_vs_golden"
+FIRST_LOOK: dict[str, str] = {
+    "lower_tie0": f"{_J}[tms_ties]", "lower_tie1": f"{_J}[tms_ties]", "upper_tie0": f"{_J}[resid2_chunks]",
+    "upper_tie1": f"{_J}[tms_ties]",
+    "lower_leak_sign": "parity/test_tooling.py::test_stage_bundles_torch_vs_jax_float64_all_ok",
+    "binomial_noise_scale": f"{_J}[tms_binomial_nodelta]", "binomial_source_inverted": f"{_J}[tms_binomial_nodelta]",
+    **{n: f"{_J}[traj_hparams.64]" for n in (
+        "adam_betas_default", "adam_eps_default", "adam_weight_decay_ignored", "ci_opt_state_takes_component_settings",
+        "lr_groups_swapped", "clip_groups_swapped", "clip_no_eps", "warmup_weight_decay_ignored",
+        "delta_source_is_mask_source")},
+    "warmup_one_step_short": f"{_J}[traj_tms.64]", "imp_min_p_not_annealed": f"{_J}[traj_llama.64]",
+    "production_next_step_schedule": "parity/test_production.py",
+    "production_one_key_for_all_draws": "parity/test_production.py",
+    **{n: f"{_J}[tms_all_terms]" for n in (
+        "faithfulness_sum_not_mean", "imp_min_ln_not_log2", "imp_min_eps_dropped", "imp_min_N_wrong",
+        "mse_mean_over_rows", "stochastic_mask_formula", "recon_sum_over_forwards", "gelu_tanh")},
+    "kl_direction": f"{_J}[llama_kl]", "delta_mask_sign": f"{_J}[traj_llama.64]",
+    "bf16_loss_reduction": "parity/test_bf16_parity.py", "bf16_faithfulness_from_copies": "parity/test_bf16_parity.py",
+    "route_k_off_by_one": f"{_J}[traj_resid.64]", "route_rank_reversed": f"{_J}[traj_resid.64]",
+    "route_where_swapped": f"{_J}[traj_resid.64]", "l0_threshold": f"{_J}[traj_tms.64]",
+    "pgd_no_clamp": f"{_J}[tms_fresh_pgd]", "pgd_init_swapped": f"{_J}[tms_fresh_pgd_ones]",
+    **{n: f"{_J}[traj_tms_ppgd.64]" for n in (
+        "source_adam_eps_inside_sqrt", "source_adam_no_bias_correction", "source_adam_betas_swapped")},
+    "rms_norm_no_eps": f"{_J}[tms_transformer]",
+    **{n: "parity/test_eval_parity.py" for n in ("eval_rounding_threshold", "eval_sum_over_batches", "eval_l0_threshold")},
+    **{n: "parity/test_resume_parity.py" for n in ("resume_reruns_warmup", "resume_one_step_early", "resume_resets_adam",
+                                                    "resume_resets_source_adam")},
+}
+
 
 def problem(m: Mutation, root: Path = REPO_ROOT) -> str | None:
     """Why `m` does not apply to the tree at `root` (None when `old` occurs exactly once)."""
@@ -261,7 +298,12 @@ def main(argv=None) -> int:
                 rows.append((m, "does not apply", str(e), 0.0))
                 print(f"{m.name}: does not apply ({e})", flush=True)
                 continue
-            failed, first, secs = run_tests(tree, a.tests or gate_targets(tree), a.timeout)
+            failed, first, secs = False, "", 0.0
+            if a.tests is None and m.name in FIRST_LOOK:
+                failed, first, secs = run_tests(tree, [FIRST_LOOK[m.name]], a.timeout)
+            if not failed:
+                failed, first, more = run_tests(tree, a.tests or gate_targets(tree), a.timeout)
+                secs += more
             if not failed and a.full:
                 failed, first, more = run_tests(tree, [], a.timeout)
                 first, secs = (f"{first} (whole suite)" if failed else first), secs + more

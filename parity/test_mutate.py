@@ -47,3 +47,19 @@ def test_gate_run_is_every_parity_test_file(tmp_path):
     for n in ("test_zz_new.py", "test_parity.py"):
         (tmp_path / "parity" / n).write_text("")
     assert gate_targets(tmp_path) == ["parity/test_parity.py", "parity/test_zz_new.py"]
+
+
+def test_first_look_names_catalogue_entries_and_tests_of_the_gate():
+    # a FIRST_LOOK entry of a renamed mutation or a moved test would silently send that
+    # mutation to the whole gate every time: both sides must exist
+    from parity.mutate import BY_NAME, FIRST_LOOK
+    assert set(FIRST_LOOK) <= set(BY_NAME), sorted(set(FIRST_LOOK) - set(BY_NAME))
+    for name, target in FIRST_LOOK.items():
+        path, _, test = target.partition("::")
+        assert path.startswith("parity/test_") and (REPO_ROOT / path).is_file(), (name, target)
+        if test:
+            func = test.split("[")[0]
+            assert f"def {func}(" in (REPO_ROOT / path).read_text(), (name, target)
+        if "[" in test:
+            from parity.cases import CASES
+            assert test.split("[")[1].rstrip("]") in CASES, (name, target)
