@@ -9,10 +9,11 @@ another order on another mesh, and over hundreds of steps that rounding grows th
 function's hard thresholds (a leaky-hard branch or an l0 count flips, and Adam carries the
 flip on): two float32 runs that differ only in the order of their sums separate by more than
 any fixed float32 tolerance. The yardstick that stays meaningful is how far float32 rounding
-alone moves the same run on one device: the control `ctrl32` is the one-device float32 run
-compiled with `--xla_cpu_prefer_vector_width=128` (XLA vectorises its reductions over other
-lanes, so every sum it emits rounds differently: 3e-7 at step 0 on the tiny LM, the size of
-the mesh's own step-0 difference), the same program otherwise. A mesh run is the same run when,
+alone moves the same run on one device: three controls, each the one-device float32 run
+compiled with other vector lanes for XLA's reductions (`--xla_cpu_prefer_vector_width=128` or
+`=512`, `--xla_cpu_max_isa=SSE4_2`), so every sum XLA emits rounds differently (3e-7 to 5e-7
+at step 0 on the tiny LM, the size of the mesh's own step-0 difference), the same program
+otherwise; `ctrl32` is the worst of the three (one sample of a chaotic quantity is not a floor). A mesh run is the same run when,
 for every kind of metric (the name's prefix: loss, grad_norm, l0, eval, ...),
 
     worst dev(mesh32, ref32) <= FLOOR_FACTOR * worst dev(ctrl32, ref32)
@@ -27,8 +28,8 @@ already, orders of magnitude above both (parity/mesh_invariance.py checks step 0
 float64 trajectory, it drifts from it. On the tiny LM the one-device float32 run is 10% from
 the float64 one in loss/total after 300 steps, 400 times the mesh's difference.)
 
-Runs the config (default configs/tiny_llama.yaml) for N steps (default 300) four times through
-`python -m jax_impl.cli train`: float32 on (1, 1), the control, float32 on a (2, 2) mesh in
+Runs the config (default configs/tiny_llama.yaml) for N steps (default 300) six times through
+`python -m jax_impl.cli train`, all float32: on (1, 1), the three controls, on a (2, 2) mesh in
 one process of 4 simulated devices, and the same (2, 2) run as 2 processes x 2 devices;
 prints the worst deviation per kind and metric and the verdict, and writes them to
 DIR/float32_floor.json and a plot of the deviation over the steps to DIR/float32_floor.png."""
@@ -47,11 +48,14 @@ import yaml
 from contract.targets import REPO_ROOT
 
 FLOOR_FACTOR = 2.0  # see the docstring: two independent float32 roundings of one trajectory
-CONTROL_FLAGS = "--xla_cpu_prefer_vector_width=128"  # ctrl32: the same program, its sums rounded otherwise
+# the controls: the same one-device program, its sums rounded otherwise (XLA vectorises its
+# reductions over other lanes; each moves step 0 of the tiny LM by 3e-7 to 5e-7)
+CONTROLS = {"ctrl32_v128": "--xla_cpu_prefer_vector_width=128", "ctrl32_v512": "--xla_cpu_prefer_vector_width=512",
+            "ctrl32_sse": "--xla_cpu_max_isa=SSE4_2"}
 REL_FLOOR = 1e-6  # parity/tolerances.py ("float32", "term").floor
 TIMEOUT = int(os.environ.get("VPD_FLOOR_TIMEOUT", "3600"))  # s per run
 # name -> (mesh, processes, extra XLA flags); every run float32
-RUNS = {"ref32": ((1, 1), 1, ""), "ctrl32": ((1, 1), 1, CONTROL_FLAGS),
+RUNS = {"ref32": ((1, 1), 1, ""), **{n: ((1, 1), 1, f) for n, f in CONTROLS.items()},
         "mesh32": ((2, 2), 1, ""), "proc32": ((2, 2), 2, "")}
 MESH_RUNS = ("mesh32", "proc32")
 
@@ -118,8 +122,10 @@ def verdict(metrics: dict[str, dict[tuple[int, str], float]]) -> tuple[list[dict
     """(per-kind rows, per-metric rows, ok): the worst deviation from ref32 of the control and
     of each mesh run, per kind of metric and per metric; ok when every mesh run is within
     FLOOR_FACTOR x the control in every kind."""
-    dev = {n: deviations(metrics[n], metrics["ref32"]) for n in ("ctrl32", *MESH_RUNS)}
-    per_metric = [{"metric": m} | {n: max(e for _, e in d[m]) for n, d in dev.items()} for m in dev["ctrl32"]]
+    dev = {n: deviations(metrics[n], metrics["ref32"]) for n in (*CONTROLS, *MESH_RUNS)}
+    per_metric = [{"metric": m} | {n: max(e for _, e in d[m]) for n, d in dev.items()} for m in dev[MESH_RUNS[0]]]
+    for r in per_metric:
+        r["ctrl32"] = max(r[n] for n in CONTROLS)
     kinds, ok = [], True
     for k in sorted({kind(r["metric"]) for r in per_metric}):
         rows = [r for r in per_metric if kind(r["metric"]) == k]
@@ -139,12 +145,13 @@ def plot(metrics: dict, per_kind: list[dict], path: Path) -> None:
     ks = [r["kind"] for r in per_kind if max(r[n] for n in ("ctrl32", *MESH_RUNS)) > 0] or [per_kind[0]["kind"]]
     fig, axes = plt.subplots(1, len(ks), figsize=(3.6 * len(ks), 3.2), squeeze=False)
     for ax, k in zip(axes[0], ks, strict=True):
-        for n, style in (("ctrl32", "k-"), ("mesh32", "C0--"), ("proc32", "C1:")):
+        for n, runs, style in (("ctrl32", CONTROLS, "k-"), ("mesh32", ["mesh32"], "C0--"), ("proc32", ["proc32"], "C1:")):
             worst: dict[int, float] = {}
-            for m, pts in deviations(metrics[n], metrics["ref32"]).items():
-                if kind(m) == k:
-                    for step, e in pts:
-                        worst[step] = max(worst.get(step, 0.0), e)
+            for r in runs:
+                for m, pts in deviations(metrics[r], metrics["ref32"]).items():
+                    if kind(m) == k:
+                        for step, e in pts:
+                            worst[step] = max(worst.get(step, 0.0), e)
             steps = sorted(worst)
             ax.semilogy(steps, [max(worst[t], 1e-9) for t in steps], style, label=f"{n} vs ref32")
         ax.set_title(k, fontsize=9)
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in sorted(per_metric, key=lambda r: -max(r[n] for n in ("ctrl32", *MESH_RUNS)))[:a.top]:
         print(f"  {r['metric']:56s} ctrl32 {r['ctrl32']:8.2e}  mesh32 {r['mesh32']:8.2e}  proc32 {r['proc32']:8.2e}")
     (out / "float32_floor.json").write_text(json.dumps({"config": str(config), "steps": a.steps, "factor": FLOOR_FACTOR,
-                                                        "control_flags": CONTROL_FLAGS, "kinds": per_kind,
+                                                        "controls": CONTROLS, "kinds": per_kind,
                                                         "metrics": per_metric, "ok": ok}, indent=1))
     plot(metrics, per_kind, out / "float32_floor.png")
     print(f"\n{'PASS' if ok else 'FAIL'}: {sum(r['ok'] for r in per_kind)} of {len(per_kind)} kinds of metric within "
