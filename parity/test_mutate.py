@@ -38,13 +38,14 @@ def test_a_snippet_that_moved_is_reported(tmp_path):
 def test_gate_run_is_every_parity_test_file(tmp_path):
     # the reordered gate is still the whole of `pytest parity/`: every test file, once, the
     # killers first; a new test file is picked up without editing the list
+    # but this file, whose catalogue check fails in every mutated tree by construction
     from parity.mutate import GATE_FIRST, gate_targets
-    names = sorted(p.name for p in (REPO_ROOT / "parity").glob("test_*.py"))
+    names = sorted(p.name for p in (REPO_ROOT / "parity").glob("test_*.py") if p.name != "test_mutate.py")
     got = gate_targets()
     assert sorted(got) == [f"parity/{n}" for n in names] and len(set(got)) == len(got)
     assert got[: len(GATE_FIRST)] == [f"parity/{n}" for n in GATE_FIRST]
     (tmp_path / "parity").mkdir()
-    for n in ("test_zz_new.py", "test_parity.py"):
+    for n in ("test_zz_new.py", "test_parity.py", "test_mutate.py"):
         (tmp_path / "parity" / n).write_text("")
     assert gate_targets(tmp_path) == ["parity/test_parity.py", "parity/test_zz_new.py"]
 
