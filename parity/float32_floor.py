@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config {config} does not exist", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{config.name}, {a.steps} steps: four runs in {out}", flush=True)
+    print(f"{config.name}, {a.steps} steps: {len(RUNS)} runs in {out}", flush=True)
     dirs = {n: (out / n if a.reuse else train(config, n, a.steps, out)) for n in RUNS}
     metrics = {n: read_metrics(d) for n, d in dirs.items()}
     per_kind, per_metric, ok = verdict(metrics)
