@@ -153,7 +153,7 @@ def plot(metrics: dict, per_kind: list[dict], path: Path) -> None:
                         for step, e in pts:
                             worst[step] = max(worst.get(step, 0.0), e)
             steps = sorted(worst)
-            ax.semilogy(steps, [max(worst[t], 1e-9) for t in steps], style, label=f"{n} vs ref32")
+            ax.semilogy(steps, [max(worst[t], 1e-9) for t in steps], style, marker=".", ms=3, label=f"{n} vs ref32")
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("worst relative error")
