@@ -64,3 +64,20 @@ def test_first_look_names_catalogue_entries_and_tests_of_the_gate():
         if "[" in test:
             from parity.cases import CASES
             assert test.split("[")[1].rstrip("]") in CASES, (name, target)
+
+
+def test_a_first_look_that_does_not_run_is_not_a_kill(tmp_path, monkeypatch, capsys):
+    # pytest not finding the FIRST_LOOK test (exit 4/5) or timing out is no verdict: the whole
+    # gate runs, and here (a stubbed gate that passes) the mutation survives
+    import parity.mutate as mutate
+    calls = []
+
+    def fake_run(root, targets, timeout):
+        calls.append(targets)
+        return (True, "exit 5", 0.1) if len(calls) == 1 else (False, "", 0.1)
+
+    monkeypatch.setattr(mutate, "run_tests", fake_run)
+    assert mutate.main(["--only", "lower_tie0", "--keep", str(tmp_path / "w")]) == 1
+    out = capsys.readouterr().out
+    assert calls[0] == [mutate.FIRST_LOOK["lower_tie0"]] and calls[1] == mutate.gate_targets()
+    assert "did not run (exit 5)" in out and "lower_tie0: SURVIVED" in out and "killed 0 of 1" in out
