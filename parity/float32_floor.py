@@ -118,22 +118,25 @@ def kind(metric: str) -> str:
     return metric.split("/")[0]
 
 
-def verdict(metrics: dict[str, dict[tuple[int, str], float]]) -> tuple[list[dict], list[dict], bool]:
-    """(per-kind rows, per-metric rows, ok): the worst deviation from ref32 of the control and
-    of each mesh run, per kind of metric and per metric; ok when every mesh run is within
-    FLOOR_FACTOR x the control in every kind."""
+def verdict(metrics: dict[str, dict[tuple[int, str], float]]
+            ) -> tuple[list[dict], dict[str, dict[str, float]], bool]:
+    """(per-kind rows, per-metric worst deviations, ok): the worst deviation from ref32 of each
+    control, of the worst control (`ctrl32`) and of each mesh run, per kind of metric and per
+    metric; ok when every mesh run is within FLOOR_FACTOR x `ctrl32` in every kind."""
     dev = {n: deviations(metrics[n], metrics["ref32"]) for n in (*CONTROLS, *MESH_RUNS)}
-    per_metric = [{"metric": m} | {n: max(e for _, e in d[m]) for n, d in dev.items()} for m in dev[MESH_RUNS[0]]]
-    for r in per_metric:
+    per_metric: dict[str, dict[str, float]] = {
+        m: {n: max(e for _, e in d[m]) for n, d in dev.items()} for m in dev[MESH_RUNS[0]]}
+    for r in per_metric.values():
         r["ctrl32"] = max(r[n] for n in CONTROLS)
-    kinds, ok = [], True
-    for k in sorted({kind(r["metric"]) for r in per_metric}):
-        rows = [r for r in per_metric if kind(r["metric"]) == k]
-        row = {"kind": k, "metrics": len(rows)} | {n: max(r[n] for r in rows) for n in ("ctrl32", *MESH_RUNS)}
-        row["allowed"] = FLOOR_FACTOR * row["ctrl32"] + 1e-12
-        row["ok"] = all(row[n] <= row["allowed"] for n in MESH_RUNS)
-        ok &= row["ok"]
-        kinds.append(row)
+    kinds: list[dict] = []
+    ok = True
+    for k in sorted({kind(m) for m in per_metric}):
+        rows = [r for m, r in per_metric.items() if kind(m) == k]
+        worst = {n: max(r[n] for r in rows) for n in ("ctrl32", *MESH_RUNS)}
+        allowed = FLOOR_FACTOR * worst["ctrl32"] + 1e-12
+        good = all(worst[n] <= allowed for n in MESH_RUNS)
+        kinds.append({"kind": k, "metrics": len(rows), **worst, "allowed": allowed, "ok": good})
+        ok &= good
     return kinds, per_metric, ok
 
 
@@ -188,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['kind']:12s} {r['metrics']:7d} {r['ctrl32']:9.2e} {r['mesh32']:9.2e} {r['proc32']:9.2e} "
               f"{r['allowed']:9.2e}{'' if r['ok'] else '  OVER'}")
     print(f"\nthe {a.top} metrics farthest from ref32 in any run:")
-    for r in sorted(per_metric, key=lambda r: -max(r[n] for n in ("ctrl32", *MESH_RUNS)))[:a.top]:
-        print(f"  {r['metric']:56s} ctrl32 {r['ctrl32']:8.2e}  mesh32 {r['mesh32']:8.2e}  proc32 {r['proc32']:8.2e}")
+    for m, r in sorted(per_metric.items(), key=lambda mr: -max(mr[1][n] for n in ("ctrl32", *MESH_RUNS)))[:a.top]:
+        print(f"  {m:56s} ctrl32 {r['ctrl32']:8.2e}  mesh32 {r['mesh32']:8.2e}  proc32 {r['proc32']:8.2e}")
     (out / "float32_floor.json").write_text(json.dumps({"config": str(config), "steps": a.steps, "factor": FLOOR_FACTOR,
                                                         "controls": CONTROLS, "kinds": per_kind,
                                                         "metrics": per_metric, "ok": ok}, indent=1))
