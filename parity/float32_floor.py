@@ -46,6 +46,7 @@ from pathlib import Path
 import yaml
 
 from contract.targets import REPO_ROOT
+from parity.goldens import rel_err
 
 FLOOR_FACTOR = 2.0  # see the docstring: two independent float32 roundings of one trajectory
 # the controls: the same one-device program, its sums rounded otherwise (XLA vectorises its
@@ -99,10 +100,6 @@ def read_metrics(run_dir: Path) -> dict[tuple[int, str], float]:
     return out
 
 
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(a), abs(b), REL_FLOOR)
-
-
 def deviations(a: dict, b: dict) -> dict[str, list[tuple[int, float]]]:
     """metric -> [(step, relative error)] over the (step, metric) pairs both runs logged; a
     pair only one of them logged is an error (the runs did not log the same steps)."""
@@ -110,7 +107,7 @@ def deviations(a: dict, b: dict) -> dict[str, list[tuple[int, float]]]:
         raise ValueError(f"the runs logged different (step, metric) pairs, e.g. {sorted(a.keys() ^ b.keys())[:5]}")
     out: dict[str, list] = {}
     for (k, m) in sorted(a):
-        out.setdefault(m, []).append((k, rel(a[k, m], b[k, m])))
+        out.setdefault(m, []).append((k, rel_err(a[k, m], b[k, m], REL_FLOOR)))
     return out
 
 

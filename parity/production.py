@@ -1,8 +1,8 @@
 """The production path under the gate (SPEC S150-S151): the helpers of
 parity/test_production.py and of its mesh subprocess.
 
-- `production_draws(backend, run, step)`: what a backend's own production sampler draws for
-  step `step` of `run` (JAX: `jax_impl.train.sample_draws` keyed by `fold_in(prng_key(seed),
+- `production_draws_at(backend, run, steps)`: what a backend's own production sampler draws
+  for each step of `steps` of `run` (JAX: `jax_impl.train.sample_draws` keyed by `fold_in(prng_key(seed),
   step)`, laid out on the run's mesh; the oracle: `oracle_torch.train.draws_for_step`), as
   numpy arrays.
 - `production_vs_parity(backend, run, precision, steps)`: runs the backend's production step
@@ -25,11 +25,6 @@ from contract.resolve import ResolvedRun
 from contract.runlog import with_dtype
 
 FINITE_KEYS = (FINITE,)  # the production step's extra device flag (S106)
-
-
-def production_draws(backend: str, run: ResolvedRun, step: int, batch_shape=None) -> dict[str, np.ndarray]:
-    """The draws backend `backend` samples itself for training step `step` of `run`."""
-    return production_draws_at(backend, run, [step], batch_shape)[step]
 
 
 def production_draws_at(backend: str, run: ResolvedRun, steps, batch_shape=None) -> dict[int, dict[str, np.ndarray]]:
@@ -73,24 +68,23 @@ def production_vs_parity(backend: str, run: ResolvedRun, precision: str, steps: 
     # one backend, two states: its production path (`train_step(..., None)`) and its parity
     # path (explicit draws) are separate functions of the backend (JAX: two jitted programs)
     be = make_backend(backend, run)
-    prod = par = be
     sa, _ = be.faithfulness_warmup(be.new_state({k: v.copy() for k, v in init.items()}))
     sb, _ = be.faithfulness_warmup(be.new_state({k: v.copy() for k, v in init.items()}))
     draws = production_draws_at(backend, run, range(steps))
     problems: list[str] = []
     for k in range(steps):
         batch = batch_for_step(run, run.cfg.seed, k)
-        sa, ma = prod.train_step(sa, k, batch, None)
-        sb, mb = par.train_step(sb, k, batch, draws[k])
-        ma = {n: v for n, v in prod.host_metrics(ma).items() if n not in FINITE_KEYS}
-        mb = par.host_metrics(mb)
+        sa, ma = be.train_step(sa, k, batch, None)
+        sb, mb = be.train_step(sb, k, batch, draws[k])
+        ma = {n: v for n, v in be.host_metrics(ma).items() if n not in FINITE_KEYS}
+        mb = be.host_metrics(mb)
         if set(ma) != set(mb):
             problems.append(f"step {k}: metric names differ: only production {sorted(set(ma) - set(mb))}, "
                             f"only parity {sorted(set(mb) - set(ma))}")
         for n in sorted(set(ma) & set(mb)):
             if abs(ma[n] - mb[n]) > rel * max(abs(ma[n]), abs(mb[n])):
                 problems.append(f"step {k}: {n}: production {ma[n]!r} != parity step on the production draws {mb[n]!r}")
-    ea, eb = prod.export_state(sa), par.export_state(sb)
+    ea, eb = be.export_state(sa), be.export_state(sb)
     for n in sorted(set(ea) | set(eb)):
         if n not in ea or n not in eb:
             problems.append(f"final state: leaf {n} only in one of the two runs")

@@ -14,6 +14,10 @@ class Tol:
     why: str = ""
 
 
+BF16_U = 2.0 ** -8  # bfloat16's unit roundoff: 8 significant bits (its machine epsilon is 2^-7 = 7.8e-3)
+F32_U = 2.0 ** -24  # float32's unit roundoff
+
+
 TOLERANCES: dict[tuple[str, str], Tol] = {
     ("float64", "term"): Tol(1e-10, 1e-12, 0.0,
         "same math in IEEE double: only reassociation (~1e-16 per op) separates the frameworks"),
@@ -67,13 +71,10 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
         "bit for bit on the float32 case (traj_tms.32): no reassociation observed"),
     # bf16 compute (S70) against the float32 goldens (S156, parity/test_bf16_parity.py): the
     # row's rel is the budget of ONE bf16 layer on a term's path; bf16_term_rel below scales it
-    ("bf16", "term"): Tol(2 * 4 * 2.0 ** -8, 1e-6, 0.0,
+    ("bf16", "term"): Tol(2 * 4 * BF16_U, 1e-6, 0.0,
         "per bf16 layer on the term's path: 4 roundings (input, weight, masked product, output) of relative "
         "<= u = 2^-8 each, doubled by the quadratic loss; see bf16_term_rel"),
 }
-
-BF16_U = 2.0 ** -8  # bfloat16's unit roundoff: 8 significant bits (its machine epsilon is 2^-7 = 7.8e-3)
-F32_U = 2.0 ** -24  # float32's unit roundoff
 
 
 def bf16_term_rel(layers: int, n: int) -> float:

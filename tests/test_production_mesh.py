@@ -23,7 +23,7 @@ from contract.draws import draw_plan
 from contract.resolve import resolve_run
 from contract.runlog import with_dtype
 from parity.cases import CASES
-from parity.production import production_draws, production_vs_parity, stream_problems
+from parity.production import production_draws_at, production_vs_parity, stream_problems
 from parity.tolerances import tol
 name, prec, steps, data = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 assert len(jax.devices()) >= data, jax.devices()
@@ -33,8 +33,8 @@ run = resolve_run(parse_config(d))
 rel = tol(prec, "mesh_step0" if steps == 1 else "mesh_trajectory").rel
 out = {"parity": production_vs_parity("jax", run, prec, steps, rel)}
 r64, one = with_dtype(run, "float64"), with_dtype(CASES[name].run(), "float64")
-draws = {s: production_draws("jax", r64, s) for s in (0, 1, 5)}
-ref = {s: production_draws("jax", one, s) for s in (0, 1, 5)}
+draws = production_draws_at("jax", r64, (0, 1, 5))
+ref = production_draws_at("jax", one, (0, 1, 5))
 out["layout"] = [f"step {s} {n}" for s in draws for n in draws[s] if not (draws[s][n] == ref[s][n]).all()]
 out["stats"] = stream_problems(draws, {x.name for x in draw_plan(run) if x.batched})
 print(json.dumps(out))
