@@ -390,3 +390,26 @@ def test_stacked_forwards_equal_one_forward_each(monkeypatch):
         assert float(t4[k]) == pytest.approx(float(t1[k]), rel=1e-6, abs=1e-9), k
     for k in g1:
         np.testing.assert_allclose(np.asarray(g4[k]), np.asarray(g1[k]), rtol=1e-4, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("config", ["tiny_llama", "shapes"])
+def test_grouped_draws_are_each_draws_own_call(config):
+    # S143, S158: the step and the eval draw a group of alike draws with one generator call;
+    # draw i must still be exactly uniform(fold_in(key, i), shape), the stream every checkpoint names
+    from contract.draws import DrawSpec, draw_plan
+    from contract.runlog import load_run
+    from jax_impl.eval import sample_eval_draws
+    from jax_impl.train import prng_key, sample_draws
+
+    if config == "shapes":  # alike draws apart in the plan, and a one-draw group
+        plan = [DrawSpec(n, s) for n, s in [("a", (3, 5)), ("b", (7,)), ("c", (3, 5)), ("d", (2, 3, 4)), ("e", (7,))]]
+    else:
+        plan = draw_plan(load_run("configs/tiny_llama.yaml", dtype="float32"))
+    assert len({d.shape for d in plan}) < len(plan)  # groups really form
+    key = jax.random.fold_in(prng_key(0), 3)
+    for sample in (sample_draws, sample_eval_draws):
+        got = jax.jit(lambda k, sample=sample: sample(plan, k, F32))(key)
+        assert sorted(got) == sorted(d.name for d in plan)
+        for i, d in enumerate(plan):
+            want = jax.random.uniform(jax.random.fold_in(key, i), d.shape, F32)
+            assert np.array_equal(np.asarray(got[d.name]), np.asarray(want)), (sample.__name__, d.name)
