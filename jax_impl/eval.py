@@ -49,7 +49,7 @@ def eval_key(seed: int, step: int, j: int):
 
 
 def sample_eval_draws(plan: list[DrawSpec], key, dtype) -> dict:
-    """Eval draw i is `uniform(fold_in(key, i), shape)`, grouped as the step's (S143, S158)."""
+    """Eval draw i is `uniform(fold_in(key, i), shape)`, grouped as the step's (S143)."""
     return {plan[i].name: xs[row] for idx, xs in uniform_groups(plan, key, dtype) for row, i in enumerate(idx)}
 
 

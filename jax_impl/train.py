@@ -75,7 +75,7 @@ def uniform_groups(plan: list[DrawSpec], key, dtype, shardings: dict | None = No
     call per group of draws alike in shape and layout: `vmap` over a group's keys gives each draw
     the bits of its own call, bit for bit (tests/test_jax_units.py), and XLA:CPU compiles two
     rolled threefry loops per group instead of two per draw (per draw, 229 loops of ~25 ms made
-    6.3 s of the llama_scaled step's 13.1 s compile; S158). Returns [(plan indices, [n, *shape])];
+    6.3 s of the llama_scaled step's 13.1 s compile). Returns [(plan indices, [n, *shape])];
     a group is laid out as its draws' sharding behind the group axis."""
     groups: dict = {}
     for i, d in enumerate(plan):
