@@ -87,7 +87,7 @@ CATALOGUE: list[Mutation] = [
       "return self._key(state, self.model.frozen, self.put_batch(batch), self._seed_key, self.hp(step + 1))",
       "the production step is fed the next step's schedule values"),
     M("production_one_key_for_all_draws", "jax_impl/train.py",
-      "x = jax.random.uniform(jax.random.fold_in(key, i), d.shape, dtype)", "x = jax.random.uniform(key, d.shape, dtype)",
+      "jax.random.uniform(k, shape, dtype))(keys)", "jax.random.uniform(key, shape, dtype))(keys)",
       "every production draw from one key: differently named draws correlated"),
     # ------------------------------------------------ losses (S20-S24)
     M("faithfulness_sum_not_mean", "jax_impl/losses.py", "    return total / numel\n", "    return total\n",
