@@ -9,6 +9,7 @@ are in float64 numpy and tolerances are float32-sized.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
@@ -394,7 +395,7 @@ def test_stacked_forwards_equal_one_forward_each(monkeypatch):
 
 @pytest.mark.parametrize("config", ["tiny_llama", "shapes"])
 def test_grouped_draws_are_each_draws_own_call(config):
-    # S143, S158: the step and the eval draw a group of alike draws with one generator call;
+    # S143: the step and the eval draw a group of alike draws with one generator call;
     # draw i must still be exactly uniform(fold_in(key, i), shape), the stream every checkpoint names
     from contract.draws import DrawSpec, draw_plan
     from contract.runlog import load_run
@@ -404,7 +405,7 @@ def test_grouped_draws_are_each_draws_own_call(config):
     if config == "shapes":  # alike draws apart in the plan, and a one-draw group
         plan = [DrawSpec(n, s) for n, s in [("a", (3, 5)), ("b", (7,)), ("c", (3, 5)), ("d", (2, 3, 4)), ("e", (7,))]]
     else:
-        plan = draw_plan(load_run("configs/tiny_llama.yaml", dtype="float32"))
+        plan = draw_plan(load_run(str(Path(__file__).resolve().parents[1] / "configs/tiny_llama.yaml"), dtype="float32"))
     assert len({d.shape for d in plan}) < len(plan)  # groups really form
     key = jax.random.fold_in(prng_key(0), 3)
     for sample in (sample_draws, sample_eval_draws):
