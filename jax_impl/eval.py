@@ -39,7 +39,7 @@ from jax_impl.context import StepContext
 from jax_impl.losses import output_divergence
 from jax_impl.recon import bernoulli_from_uniform
 from jax_impl.sigmoids import ci_pair
-from jax_impl.train import prng_key, uniform_groups
+from jax_impl.train import named_draws, prng_key, uniform_groups
 
 
 def eval_key(seed: int, step: int, j: int):
@@ -50,7 +50,7 @@ def eval_key(seed: int, step: int, j: int):
 
 def sample_eval_draws(plan: list[DrawSpec], key, dtype) -> dict:
     """Eval draw i is `uniform(fold_in(key, i), shape)`, grouped as the step's (S143)."""
-    return {plan[i].name: xs[row] for idx, xs in uniform_groups(plan, key, dtype) for row, i in enumerate(idx)}
+    return named_draws(plan, uniform_groups(plan, key, dtype))
 
 
 def to_jax_batch(b: np.ndarray, dtype):

@@ -90,6 +90,11 @@ def uniform_groups(plan: list[DrawSpec], key, dtype, shardings: dict | None = No
     return out
 
 
+def named_draws(plan: list[DrawSpec], groups: list) -> dict:
+    """{draw name: its row of its group} for the groups of `uniform_groups`."""
+    return {plan[i].name: xs[row] for idx, xs in groups for row, i in enumerate(idx)}
+
+
 def sample_draws(plan: list[DrawSpec], key, dtype, shardings: dict | None = None) -> dict:
     """Production sampling of the draw plan inside the step, keyed by fold_in(seed, step):
     draw i of the plan is `uniform(fold_in(key, i), shape)` (`uniform_groups`), laid out by
@@ -98,7 +103,7 @@ def sample_draws(plan: list[DrawSpec], key, dtype, shardings: dict | None = None
     # the barrier materialises the draws once: otherwise XLA fuses the generator into every
     # consumer of a draw, recomputing it in the forward and again in the backward
     stacked = jax.lax.optimization_barrier([xs for _, xs in groups])
-    return {plan[i].name: xs[row] for (idx, _), xs in zip(groups, stacked, strict=True) for row, i in enumerate(idx)}
+    return named_draws(plan, [(idx, xs) for (idx, _), xs in zip(groups, stacked, strict=True)])
 
 
 def faithfulness_warmup(run: ResolvedRun, model: DecomposedModel, params: dict) -> tuple[dict, list[float]]:
